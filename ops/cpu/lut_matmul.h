@@ -1,0 +1,32 @@
+// CPU LUT matmul: Y[M, N] = A[M, K] * W^T (+ bias), W = lut[code] + CSR, accumulated in fp32.
+// Pure compute on raw pointers; ops/cpu/cpu_kernel.cc connects it to ONNX Runtime.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "sqllm/contract.h"
+
+namespace sqllm::cpu {
+
+struct Args {
+  const float* a = nullptr;          // [M, K], fp32 (fp16 inputs are widened once per call)
+  const uint32_t* qweight = nullptr;  // [N, words]
+  const void* lut = nullptr;         // T [N, 2^bits]
+  const int32_t* indptr = nullptr;   // [N+1] or null
+  const int32_t* indices = nullptr;  // [nnz]
+  const void* values = nullptr;      // T [nnz]
+  const void* bias = nullptr;        // T [N] or null
+  void* y = nullptr;                 // T [M, N]
+  bool half = false;                 // T is float16 (else float32)
+};
+
+// Runs fn(data, i) for i in [0, total), possibly in parallel (ORT's intra-op pool).
+struct ParallelFor {
+  virtual void operator()(size_t total, void (*fn)(void*, size_t), void* data) const = 0;
+  virtual ~ParallelFor() = default;
+};
+
+void LutMatmul(const Problem& p, const Args& args, const ParallelFor& parallel_for);
+
+}  // namespace sqllm::cpu

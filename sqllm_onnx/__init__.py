@@ -1,0 +1,48 @@
+"""sqllm-onnx: SqueezeLLM (dense-and-sparse non-uniform quantization) for ONNX Runtime.
+
+The custom-op library ``libsqllm_ops.so`` is built by CMake and installed inside this package;
+``register(session_options)`` makes ``sqllm.SqueezeMatMul`` available to an onnxruntime session.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__version__ = "0.1.0"
+__all__ = ["__version__", "get_library_path", "register"]
+
+_LIBRARY_NAME = "libsqllm_ops.so"
+_ENV_OVERRIDE = "SQLLM_OPS_LIBRARY"
+
+
+def get_library_path() -> str:
+    """Absolute path of the op library.
+
+    ``$SQLLM_OPS_LIBRARY`` wins when set (for a library built outside pip); otherwise the copy
+    installed in ``sqllm_onnx/_lib``.
+    """
+    override = os.environ.get(_ENV_OVERRIDE)
+    if override:
+        if not Path(override).is_file():
+            raise FileNotFoundError(f"${_ENV_OVERRIDE} points to {override!r}, which is not a file")
+        return str(Path(override).resolve())
+    for folder in _search_folders():
+        candidate = folder / "_lib" / _LIBRARY_NAME
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"{_LIBRARY_NAME} is not installed with sqllm_onnx (looked in "
+        f"{', '.join(str(f / '_lib') for f in _search_folders())}). Build it with `pip install .` "
+        f"from the source tree, or point ${_ENV_OVERRIDE} at a library built with CMake.")
+
+
+def _search_folders() -> list[Path]:
+    # An editable install may split the package between the source tree and site-packages.
+    return [Path(p) for p in __path__]  # type: ignore[name-defined]
+
+
+def register(session_options) -> "object":
+    """Register the op library in an ``onnxruntime.SessionOptions``; returns the same object."""
+    session_options.register_custom_ops_library(get_library_path())
+    return session_options

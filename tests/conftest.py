@@ -1,0 +1,68 @@
+"""Shared fixtures: random SqueezeMatMul problems and ORT sessions with the op library."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import sqllm_onnx
+from sqllm_onnx import reference as ref
+from sqllm_onnx.op import PackedLinear
+
+
+def cuda_available() -> bool:
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs onnxruntime-gpu with CUDAExecutionProvider")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def random_layer(rng, K: int, N: int, bits: int, sparse: bool = True, bias: bool = True,
+                 density: float = 0.02) -> PackedLinear:
+    """A random packed layer: codes, LUT, a CSR with unsorted and duplicate entries, bias."""
+    codes = rng.integers(0, 1 << bits, size=(N, K))
+    lut = rng.standard_normal((N, 1 << bits)).astype(np.float32)
+    layer = PackedLinear(ref.pack_codes(codes, bits), lut, bits, K)
+    if sparse:
+        counts = rng.binomial(K, density, size=N)
+        counts[rng.integers(0, N)] += 5  # one heavy row
+        indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        layer.sparse_indptr = indptr
+        layer.sparse_indices = rng.integers(0, K, size=int(indptr[-1])).astype(np.int32)
+        layer.sparse_values = rng.standard_normal(int(indptr[-1])).astype(np.float32)
+    if bias:
+        layer.bias = rng.standard_normal(N).astype(np.float32)
+    return layer
+
+
+def reference_output(A: np.ndarray, layer: PackedLinear) -> np.ndarray:
+    return ref.squeeze_matmul(A, layer.qweight, layer.lut, layer.sparse_indptr, layer.sparse_indices,
+                              layer.sparse_values, layer.bias, K=layer.K, N=layer.N, bits=layer.bits)
+
+
+def make_session(model, providers=("CPUExecutionProvider",), threads: int = 0, **provider_options):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sqllm_onnx.register(so)
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+    return ort.InferenceSession(data, so, providers=list(providers))
+
+
+def assert_matches_reference(y: np.ndarray, expected: np.ndarray, A: np.ndarray, layer: PackedLinear):
+    """Tolerance scaled by the size of the terms summed: fp32 accumulation error, plus one fp16
+    rounding of the output when T is float16."""
+    assert y.dtype == expected.dtype and y.shape == expected.shape
+    W = np.abs(ref.dequantize(layer.qweight, layer.lut, layer.K, layer.bits, layer.sparse_indptr,
+                              layer.sparse_indices,
+                              None if layer.sparse_values is None else np.abs(layer.sparse_values)))
+    scale = np.abs(A.astype(np.float64)) @ W.T + (0 if layer.bias is None else np.abs(layer.bias.astype(np.float64)))
+    eps = 1e-5 if y.dtype == np.float32 else 1e-3
+    err = np.abs(y.astype(np.float64) - expected.astype(np.float64))
+    assert np.all(err <= eps * scale + 1e-6), f"max error {err.max():.3g}, max scale {scale.max():.3g}"

@@ -1,0 +1,128 @@
+"""SqueezeMatMul through onnxruntime.InferenceSession on the CPU, against the numpy reference."""
+
+import numpy as np
+import pytest
+from conftest import assert_matches_reference, make_session, random_layer, reference_output
+from onnx import TensorProto, helper, numpy_helper
+
+from sqllm_onnx import reference as ref
+from sqllm_onnx.op import IR_VERSION, make_model, make_node
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("sparse,bias", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("M", [1, 3, 64])
+def test_random_shapes_match_reference(M, bits, sparse, bias, dtype):
+    rng = np.random.default_rng(hash((M, bits, sparse, bias, np.dtype(dtype).name)) % 2**32)
+    K = int(rng.integers(1, 9)) * 32 + int(rng.integers(1, 32))  # never a multiple of 32
+    N = int(rng.integers(1, 80))
+    layer = random_layer(rng, K, N, bits, sparse=sparse, bias=bias).astype(dtype)
+    session = make_session(make_model(layer, a_shape=("M", K), dtype=dtype))
+    A = rng.standard_normal((M, K)).astype(dtype)
+    y = session.run(None, {"A": A})[0]
+    assert_matches_reference(y, reference_output(A, layer), A, layer)
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("M", [1, 5])
+def test_other_bit_widths(bits, M):
+    rng = np.random.default_rng(bits + M)
+    layer = random_layer(rng, 77, 19, bits)
+    session = make_session(make_model(layer))
+    A = rng.standard_normal((M, 77)).astype(np.float32)
+    assert_matches_reference(session.run(None, {"A": A})[0], reference_output(A, layer), A, layer)
+
+
+def test_leading_dims_and_empty_batch():
+    rng = np.random.default_rng(1)
+    layer = random_layer(rng, 50, 12, 3)
+    session = make_session(make_model(layer, a_shape=("batch", "seq", 50)))
+    A = rng.standard_normal((2, 7, 50)).astype(np.float32)
+    y = session.run(None, {"A": A})[0]
+    assert y.shape == (2, 7, 12)
+    assert_matches_reference(y, reference_output(A, layer), A, layer)
+    empty = session.run(None, {"A": np.zeros((0, 3, 50), np.float32)})[0]
+    assert empty.shape == (0, 3, 12)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_thread_counts_agree(threads):
+    rng = np.random.default_rng(2)
+    layer = random_layer(rng, 300, 257, 4)
+    A = rng.standard_normal((9, 300)).astype(np.float32)
+    y = make_session(make_model(layer), threads=threads).run(None, {"A": A})[0]
+    assert_matches_reference(y, reference_output(A, layer), A, layer)
+
+
+def test_large_layer_both_paths():
+    rng = np.random.default_rng(3)
+    layer = random_layer(rng, 1000, 300, 3, density=0.0045)
+    session = make_session(make_model(layer))
+    for M in (1, 17):
+        A = rng.standard_normal((M, 1000)).astype(np.float32)
+        assert_matches_reference(session.run(None, {"A": A})[0], reference_output(A, layer), A, layer)
+
+
+def test_nan_and_inf_propagate():
+    rng = np.random.default_rng(4)
+    layer = random_layer(rng, 64, 4, 4, sparse=False, bias=False)
+    session = make_session(make_model(layer))
+    A = rng.standard_normal((2, 64)).astype(np.float32)
+    A[0, 3] = np.nan
+    A[1, 5] = np.inf
+    y = session.run(None, {"A": A})[0]
+    assert np.isnan(y[0]).all() and not np.isfinite(y[1]).any()
+
+
+def test_model_built_by_hand_from_the_spec():
+    """Only docs/op-spec.md and onnx.helper: domain 'sqllm', inputs in order, attributes K/N/bits."""
+    rng = np.random.default_rng(5)
+    K, N, bits = 45, 7, 3
+    codes = rng.integers(0, 8, size=(N, K))
+    # Pack by hand: an LSB-first bit stream per row, 3 bits per code, in int32 words.
+    words = (K * bits + 31) // 32
+    qweight = np.zeros((N, words), dtype=np.uint32)
+    for n in range(N):
+        for k in range(K):
+            for b in range(bits):
+                if (codes[n, k] >> b) & 1:
+                    pos = k * bits + b
+                    qweight[n, pos // 32] |= np.uint32(1) << np.uint32(pos % 32)
+    lut = rng.standard_normal((N, 8)).astype(np.float32)
+    indptr = np.array([0, 1, 1, 3, 3, 3, 3, 4], np.int32)
+    indices = np.array([44, 0, 2, 10], np.int32)
+    values = np.array([0.5, -2.0, 1.0, 3.0], np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    inits = [numpy_helper.from_array(a, name) for a, name in [
+        (qweight.view(np.int32), "qweight"), (lut, "lut"), (indptr, "indptr"), (indices, "indices"),
+        (values, "values"), (bias, "bias")]]
+    node = helper.make_node("SqueezeMatMul", ["A", "qweight", "lut", "indptr", "indices", "values", "bias"], ["Y"],
+                            domain="sqllm", K=K, N=N, bits=bits)
+    graph = helper.make_graph([node], "by_hand", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], initializer=inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+                                                                   helper.make_opsetid("sqllm", 1)])
+    A = rng.standard_normal((3, K)).astype(np.float32)
+    y = make_session(model).run(None, {"A": A})[0]
+    W = lut[np.arange(N)[:, None], codes].astype(np.float64)
+    for n in range(N):
+        for j in range(indptr[n], indptr[n + 1]):
+            W[n, indices[j]] += values[j]
+    np.testing.assert_allclose(y, A.astype(np.float64) @ W.T + bias, rtol=1e-5, atol=1e-5)
+    # and the packing helper agrees with the hand-packed words
+    np.testing.assert_array_equal(ref.pack_codes(codes, bits), qweight.view(np.int32))
+
+
+def test_output_type_and_shape_are_inferred_at_registration():
+    # Y is declared with no type or shape: ORT learns both from the op's shape inference, and the
+    # Relu after it type-checks only because of that.
+    layer = random_layer(np.random.default_rng(6), 40, 9, 4).astype(np.float16)
+    node, inits = make_node("A", "Y0", layer, "w")
+    relu = helper.make_node("Relu", ["Y0"], ["Y"])
+    graph = helper.make_graph([node, relu], "infer", [helper.make_tensor_value_info("A", TensorProto.FLOAT16, ["b", "s", 40])],
+                              [helper.make_empty_tensor_value_info("Y")], initializer=inits)
+    model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[helper.make_opsetid("", 17),
+                                                                           helper.make_opsetid("sqllm", 1)])
+    out = make_session(model).get_outputs()[0]
+    assert out.shape == ["b", "s", 9] and out.type == "tensor(float16)"
