@@ -1,0 +1,1 @@
+"""Benchmark commands: `kernel` (the op against ORT MatMul / MatMulNBits) and `decode` (models)."""

