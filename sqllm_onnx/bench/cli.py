@@ -19,7 +19,7 @@ def main(args, command: str) -> int:
         prog = "sqllm-onnx bench DIR"
     parser = argparse.ArgumentParser(prog=prog, description=bench.__doc__.split("\n")[0])
     if args.target != "kernel":
-        parser.add_argument("model_dir")
+        parser.add_argument("model_dir", help="an exported folder")
     bench.add_arguments(parser)
     sub_args = parser.parse_args(([] if args.target == "kernel" else [args.target]) + args.rest)
     return bench.main(sub_args, command)

@@ -1,0 +1,65 @@
+"""`sqllm-onnx export`: quantize (or load a checkpoint) and write an ONNX decoder folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sqllm_onnx import models
+
+
+def add_quant_arguments(p: argparse.ArgumentParser) -> None:
+    """The quantization options shared by `export` and `demo`."""
+    p.add_argument("--model", default=None, help=f"local folder, hub id, or short name (default: {models.EMBEDDED}, "
+                   f"the embedded SmolLM2-135M; short names: {', '.join(sorted(models.SHORT_NAMES))})")
+    p.add_argument("--bits", type=int, default=3, help="code width: 3 or 4 (2 and 8 also work)")
+    p.add_argument("--sparsity", type=float, default=0.05, help="percent of weights kept sparse: 0.05 = 0.05%%, "
+                   "0.45 = 0.45%% (paper naming)")
+    p.add_argument("--method", default="squeezellm", choices=("squeezellm", "kmeans", "rtn"),
+                   help="squeezellm = Fisher-weighted k-means (default); kmeans and rtn for ablations")
+    p.add_argument("--calib-data", default=None, help="calibration text: a file, hf:NAME[:CONFIG][:SPLIT] (online), "
+                   "or 'stdlib' (default: the calibration part of pydoc_data.topics)")
+    p.add_argument("--calib-samples", type=int, default=100, help="calibration windows (paper: 100)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (paper: 512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept fp16 by default)")
+
+
+def quant_config_from(args, dtype: str):
+    from sqllm_onnx.quantize import QuantConfig
+
+    if args.bits not in (2, 3, 4, 8):
+        raise SystemExit(f"--bits must be 2, 3, 4 or 8 (got {args.bits})")
+    if not args.sparsity >= 0:
+        raise SystemExit(f"--sparsity must be >= 0 percent (got {args.sparsity})")
+    if args.calib_samples < 1 or args.calib_seq_len < 2:
+        raise SystemExit("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+    return QuantConfig(bits=args.bits, sparsity=args.sparsity, method=args.method, calib_data=args.calib_data,
+                       calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
+                       lut_dtype="float16" if dtype == "fp16" else "float32",
+                       quantize_lm_head=args.quantize_lm_head)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_quant_arguments(p)
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16",
+                   help="activation/LUT dtype of the graph: fp16 for GPUs (default), fp32 for CPU deployment")
+    p.add_argument("--from-checkpoint", type=Path, default=None,
+                   help="a checkpoint from `sqllm-onnx quantize` (skips quantization)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-validate", action="store_true", help="skip comparing ORT logits with torch")
+
+
+def main(args, command: str) -> int:
+    from sqllm_onnx.export.exporter import ExportError, export
+
+    config = quant_config_from(args, args.dtype)
+    if args.from_checkpoint is not None and not args.from_checkpoint.exists():
+        raise SystemExit(f"--from-checkpoint {args.from_checkpoint} does not exist")
+    try:
+        export(args.out, config, args.model, dtype=args.dtype, from_checkpoint=args.from_checkpoint,
+               overwrite=args.overwrite, validate=not args.no_validate)
+    except (ExportError, models.ModelNotAvailable, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"export failed: {e}")
+    return 0

@@ -1,0 +1,71 @@
+"""The small files written beside model.onnx: the manifest and ORT GenAI's genai_config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+MANIFEST = "sqllm_manifest.json"
+GENAI_CONFIG = "genai_config.json"
+LIBRARY_COPY = "libsqllm_ops.so"
+# model.type for ORT GenAI: its own name where GenAI knows the architecture, else its generic
+# decoder-only type (OPT: the Optimum graph needs nothing architecture-specific from GenAI).
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+GENAI_GENERIC_TYPE = "decoder"
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def genai_config(model_config, generation_config, onnx_path: Path, library_path: str = LIBRARY_COPY,
+                 max_length: int | None = None) -> dict:
+    """genai_config.json for ORT GenAI: the decoder's I/O names as Optimum wrote them, and the op
+    library in session_options.custom_ops_library.
+
+    `library_path` is written as given. The default, the bare name of the copy inside the export
+    folder, keeps the folder movable: onnxruntime-genai >= 0.9 resolves a relative
+    custom_ops_library against the folder holding genai_config.json (0.8 passed it to dlopen
+    as is), and 0.16 to 0.18 at least refuse an absolute path outside that folder and the working
+    directory, and any path with "..". The Optimum graph keeps separate past and present tensors, hence
+    past_present_share_buffer false."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    inputs = {i.name for i in proto.graph.input}
+    c = model_config
+    heads = c.num_attention_heads
+    head_size = getattr(c, "head_dim", None) or c.hidden_size // heads
+    io_inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                 "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
+    if "position_ids" in inputs:
+        io_inputs["position_ids"] = "position_ids"
+    context = getattr(c, "max_position_embeddings", 2048)
+    eos = generation_config.eos_token_id if generation_config is not None else c.eos_token_id
+    pad = getattr(c, "pad_token_id", None)
+    return {
+        "model": {
+            "bos_token_id": c.bos_token_id,
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "custom_ops_library": library_path,
+                                    "provider_options": []},
+                "filename": onnx_path.name,
+                "head_size": head_size,
+                "hidden_size": c.hidden_size,
+                "inputs": io_inputs,
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+                "num_attention_heads": heads,
+                "num_hidden_layers": c.num_hidden_layers,
+                "num_key_value_heads": getattr(c, "num_key_value_heads", None) or heads,
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
+            "type": GENAI_TYPES.get(c.model_type, GENAI_GENERIC_TYPE),
+            "vocab_size": c.vocab_size,
+        },
+        "search": {"do_sample": False, "max_length": min(max_length or context, context), "min_length": 0,
+                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }

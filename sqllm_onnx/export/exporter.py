@@ -1,0 +1,245 @@
+"""quantize -> pack -> export: a causal LM to an ONNX decoder (KV cache) with SqueezeMatMul layers.
+
+The ONNX graph comes from Hugging Face Optimum's exporter (its `text-generation-with-past` config:
+input and output names, dynamic axes, model patching) after every quantized `nn.Linear` has been
+replaced by a `SqueezeLinear`, whose symbolic function writes one SqueezeMatMul node.
+
+Memory: the model is loaded once; each quantized layer's full-precision weight is freed as its
+packed replacement goes in, so two full-precision copies never coexist.
+Atomicity: everything is written into a hidden sibling folder that is renamed to the output folder
+only when complete; on failure it is removed (a killed process leaves only that hidden folder,
+which the next run clears). Quantization results are cached per layer beside it, so a rerun after
+an interruption resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+import sqllm_onnx
+from sqllm_onnx import models
+from sqllm_onnx.export import configs, onnx_graph
+
+TASK = "text-generation-with-past"
+DTYPES = ("fp16", "fp32")
+MIN_OPSET = 17
+LARGE_MODEL_PARAMS = 3e9  # above this, load in fp16 instead of fp32
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | None = None, dtype: str = "fp16",
+           from_checkpoint: str | Path | None = None, overwrite: bool = False, validate: bool = True,
+           progress: bool = True, log=print) -> Path:
+    """Export `model_name_or_path` (default: the embedded SmolLM2-135M) into `out_dir`, quantized
+    with `quant_config` or from the checkpoint `from_checkpoint`; with neither, unquantized (the
+    baseline the quantized exports are compared with)."""
+    import torch
+
+    out_dir = Path(out_dir).resolve()
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir.parent, os.W_OK):
+        raise ExportError(f"cannot write into {out_dir.parent}")
+    started = time.time()
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    cache = out_dir.parent / f".{out_dir.name}.quant-cache"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+
+    qmodel = None
+    if quant_config is None and from_checkpoint is None:
+        log("no quantization requested: exporting the model as it is (a baseline)")
+    elif from_checkpoint is not None:
+        from sqllm_onnx.quantize import load_checkpoint
+
+        qmodel = load_checkpoint(from_checkpoint)
+        log(f"loaded quantized checkpoint {from_checkpoint} ({len(qmodel.layers)} layers)")
+    log(f"loading {model_name_or_path or models.EMBEDDED}")
+    model, tokenizer = models.load_model(model_name_or_path, dtype=_load_dtype(model_name_or_path))
+    if qmodel is None and quant_config is not None:
+        from sqllm_onnx.quantize import quantize_model
+
+        log(f"quantizing: {quant_config.method}, {quant_config.bits} bits, {quant_config.sparsity}% sparse")
+        qmodel = quantize_model(model, tokenizer, quant_config, checkpoint_dir=cache, progress=progress)
+    layers = {}
+    if qmodel is not None:
+        _check_checkpoint_matches(qmodel, model)
+        from sqllm_onnx.export.squeeze_linear import swap_in
+
+        np_dtype = np.float16 if dtype == "fp16" else np.float32
+        layers = {name: layer.astype(np_dtype) for name, layer in qmodel.layers.items()}
+        swap_in(model, layers)
+    model.to(torch.float16 if dtype == "fp16" else torch.float32)
+
+    try:
+        staging.mkdir()
+        log(f"exporting through Optimum ({TASK}) into {staging}")
+        _optimum_export(model, staging, dtype)
+        summary = onnx_graph.finalize(staging / "model.onnx")
+        if summary["squeeze_matmul_nodes"] != len(layers):
+            raise ExportError(f"the graph has {summary['squeeze_matmul_nodes']} SqueezeMatMul nodes but "
+                              f"{len(layers)} layers were quantized")
+        _write_side_files(model, tokenizer, staging, out_dir)
+        check = _validate(staging, model, tokenizer, dtype) if validate else None
+        manifest = _manifest(qmodel, dtype, summary, check, staging, time.time() - started)
+        configs.write_json(staging / configs.MANIFEST, manifest)
+        _replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(cache, ignore_errors=True)
+    log(f"wrote {out_dir} in {time.time() - started:.0f} s")
+    return out_dir
+
+
+def _load_dtype(name):
+    import torch
+    from transformers import AutoConfig
+
+    resolved = models.resolve(name)
+    if resolved == models.EMBEDDED:
+        return torch.float32
+    try:
+        c = AutoConfig.from_pretrained(resolved)
+        params = 12 * c.num_hidden_layers * c.hidden_size ** 2 + 2 * c.vocab_size * c.hidden_size
+    except Exception:
+        return torch.float32  # load_model reports a missing model with its own clear error
+    return torch.float16 if params > LARGE_MODEL_PARAMS else torch.float32
+
+
+def _check_checkpoint_matches(qmodel, model) -> None:
+    import torch
+
+    for name, layer in qmodel.layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ExportError(f"the quantized checkpoint has layer {name!r}, which the model does not have") from None
+        if not isinstance(module, torch.nn.Linear):
+            raise ExportError(f"the quantized checkpoint's layer {name!r} is a {type(module).__name__} in the model, "
+                              "not a linear layer")
+        if tuple(module.weight.shape) != (layer.N, layer.K):
+            raise ExportError(f"layer {name!r}: the checkpoint holds [{layer.N}, {layer.K}] but the model's weight is "
+                              f"{list(module.weight.shape)}")
+
+
+def _optimum_export(model, folder: Path, dtype: str) -> None:
+    import torch
+    from optimum.exporters.onnx.convert import export_models
+    from optimum.exporters.tasks import TasksManager
+    from optimum.exporters.utils import get_decoder_models_for_export
+
+    constructor = TasksManager.get_exporter_config_constructor(model=model, exporter="onnx", task=TASK,
+                                                              library_name="transformers")
+    onnx_config = constructor(model.config, int_dtype="int64", float_dtype=dtype)
+    models_and_configs = get_decoder_models_for_export(model, onnx_config)
+    # Optimum's dynamic-axes fix and validation open plain sessions, which lack our op library;
+    # _validate does the validation instead. Its preprocessor copy would look the model up on the
+    # hub by name, so the tokenizer is saved by _write_side_files.
+    name_or_path = model.config._name_or_path
+    model.config._name_or_path = str(folder)
+    try:
+        with torch.no_grad(), _quiet_export_warnings():
+            export_models(models_and_configs, output_dir=folder, opset=max(onnx_config.DEFAULT_ONNX_OPSET, MIN_OPSET),
+                          output_names=["model.onnx"], disable_dynamic_axes_fix=True, dtype=dtype)
+    finally:
+        model.config._name_or_path = name_or_path
+
+
+@contextlib.contextmanager
+def _quiet_export_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*TracerWarning.*")
+        try:
+            from torch.jit import TracerWarning
+
+            warnings.filterwarnings("ignore", category=TracerWarning)
+        except ImportError:
+            pass
+        yield
+
+
+def _write_side_files(model, tokenizer, folder: Path, final_dir: Path) -> None:
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    # The fast tokenizer alone: a GGUF-loaded one would otherwise copy the whole GGUF file as its
+    # "vocab file".
+    tokenizer.save_pretrained(folder, legacy_format=False)
+    # A copy of the op library travels with the model, for C/C++ and ORT GenAI applications.
+    shutil.copy2(sqllm_onnx.get_library_path(), folder / configs.LIBRARY_COPY)
+    configs.write_json(folder / configs.GENAI_CONFIG, configs.genai_config(
+        model.config, getattr(model, "generation_config", None), folder / "model.onnx",
+        configs.LIBRARY_COPY))  # relative: GenAI resolves it against DIR, so the folder can move
+
+
+def _validate(folder: Path, model, tokenizer, dtype: str) -> dict:
+    """Logits of the exported graph (ORT, CPU) against the torch model it came from."""
+    import onnxruntime as ort
+    import torch
+
+    ids = np.asarray(tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
+                     ["input_ids"][:16], dtype=np.int64)[None]
+    so = sqllm_onnx.register(ort.SessionOptions())
+    session = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    feeds = decoder_feeds(session, ids)
+    onnx_logits = session.run(["logits"], feeds)[0].astype(np.float64)
+    with torch.no_grad():
+        torch_logits = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.double().numpy()
+    scale = float(np.abs(torch_logits).max())
+    diff = float(np.abs(onnx_logits - torch_logits).max())
+    limit = (1e-3 if dtype == "fp32" else 5e-2) * scale
+    if not diff <= limit:
+        raise ExportError(f"validation failed: ORT logits differ from torch by {diff:.4g} (logit scale {scale:.4g}, "
+                          f"limit {limit:.4g})")
+    return {"max_abs_diff": diff, "logit_scale": scale, "tokens": int(ids.shape[1])}
+
+
+def decoder_feeds(session, ids: np.ndarray, past_length: int = 0) -> dict:
+    """Inputs for one Optimum decoder step with an empty KV cache."""
+    batch, seq = ids.shape
+    feeds = {"input_ids": ids, "attention_mask": np.ones((batch, past_length + seq), np.int64),
+             "position_ids": np.arange(past_length, past_length + seq, dtype=np.int64)[None].repeat(batch, 0)}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values"):
+            shape = [batch if d == "batch_size" else (0 if isinstance(d, str) or d is None else d) for d in inp.shape]
+            feeds[inp.name] = np.zeros(shape, np.float16 if "float16" in inp.type else np.float32)
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feeds.items() if k in names}
+
+
+def _manifest(qmodel, dtype, summary, check, folder: Path, seconds: float) -> dict:
+    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    return {"format": "sqllm-onnx export", "sqllm_onnx_version": sqllm_onnx.__version__,
+            "op": {"domain": "sqllm", "op_type": "SqueezeMatMul", "opset": 1},
+            "dtype": dtype, "task": TASK, "quantization": qmodel.manifest if qmodel is not None else None, "graph": summary,
+            "validation": check, "files": files, "export_seconds": round(seconds, 1)}
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Move the finished folder into place; an existing one is replaced only after that succeeds."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["export", "ExportError", "decoder_feeds", "DTYPES"]

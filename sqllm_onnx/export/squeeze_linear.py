@@ -1,0 +1,92 @@
+"""The torch side of the op: `SqueezeLinear` replaces an `nn.Linear` before export.
+
+It holds the packed tensors of one layer (exactly the op's inputs) as buffers. In eager mode it
+computes `x @ W.T + b` with W dequantized on the fly (so tracing sees real values without a second
+full-precision copy of the model); under `torch.onnx.export` the autograd function's `symbolic`
+emits one `sqllm.SqueezeMatMul` node whose packed inputs become initializers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from sqllm_onnx.op import DOMAIN, OP_TYPE, PackedLinear
+
+
+def dequantize_torch(qweight: torch.Tensor, lut: torch.Tensor, K: int, bits: int, indptr=None, indices=None,
+                     values=None) -> torch.Tensor:
+    """W [N, K] in lut's dtype: lut[n, code(n, k)] (+ the CSR part). Same contract as
+    reference.dequantize, vectorised in torch for large layers."""
+    N = qweight.shape[0]
+    pos = torch.arange(K, dtype=torch.int64, device=qweight.device) * bits
+    word, shift = pos >> 5, pos & 31
+    w = qweight.to(torch.int64) & 0xFFFFFFFF
+    lo = w[:, word]
+    hi = w[:, torch.clamp(word + 1, max=w.shape[1] - 1)]
+    codes = ((lo | (hi << 32)) >> shift) & ((1 << bits) - 1)
+    W = torch.gather(lut, 1, codes)
+    if indptr is not None and indices is not None and indices.numel():
+        rows = torch.repeat_interleave(torch.arange(N, device=qweight.device), torch.diff(indptr.to(torch.int64)))
+        W.index_put_((rows, indices.to(torch.int64)), values.to(W.dtype), accumulate=True)
+    return W
+
+
+class _SqueezeMatMulFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, qweight, lut, indptr, indices, values, bias, K: int, N: int, bits: int):
+        W = dequantize_torch(qweight, lut, K, bits, indptr, indices, values).to(x.dtype)
+        y = torch.matmul(x, W.t())
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def symbolic(g, x, qweight, lut, indptr, indices, values, bias, K: int, N: int, bits: int):
+        inputs = [x, qweight, lut]
+        if indptr is not None or bias is not None:
+            inputs += [indptr, indices, values] if indptr is not None else [_omitted(g)] * 3
+        if bias is not None:
+            inputs.append(bias)
+        return g.op(f"{DOMAIN}::{OP_TYPE}", *inputs, K_i=K, N_i=N, bits_i=bits)
+
+
+def _omitted(g):
+    """An omitted optional input (exported as an empty input name)."""
+    from torch.onnx import symbolic_helper
+
+    return symbolic_helper._optional_input_placeholder_tensor(g)
+
+
+class SqueezeLinear(nn.Module):
+    """A linear layer stored as SqueezeMatMul inputs (int32 codes, LUT, CSR, bias)."""
+
+    def __init__(self, layer: PackedLinear):
+        super().__init__()
+        self.K, self.N, self.bits = layer.K, layer.N, layer.bits
+        self.in_features, self.out_features = layer.K, layer.N
+        for name, array in (("qweight", layer.qweight), ("lut", layer.lut), ("sparse_indptr", layer.sparse_indptr),
+                            ("sparse_indices", layer.sparse_indices), ("sparse_values", layer.sparse_values),
+                            ("bias", layer.bias)):
+            self.register_buffer(name, None if array is None else torch.from_numpy(np.ascontiguousarray(array)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SqueezeMatMulFunction.apply(x, self.qweight, self.lut, self.sparse_indptr, self.sparse_indices,
+                                            self.sparse_values, self.bias, self.K, self.N, self.bits)
+
+    def extra_repr(self) -> str:
+        nnz = 0 if self.sparse_indices is None else self.sparse_indices.numel()
+        return f"K={self.K}, N={self.N}, bits={self.bits}, nnz={nnz}, bias={self.bias is not None}"
+
+
+def swap_in(model: nn.Module, layers: dict[str, PackedLinear]) -> None:
+    """Replace each named nn.Linear of `model` by a SqueezeLinear, freeing its weight."""
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
+        if not isinstance(old, nn.Linear):
+            raise TypeError(f"{name} is a {type(old).__name__}, not an nn.Linear")
+        if (old.out_features, old.in_features) != (layer.N, layer.K):
+            raise ValueError(f"{name}: the checkpoint has [{layer.N}, {layer.K}] but the model's layer is "
+                             f"[{old.out_features}, {old.in_features}]")
+        setattr(parent, child, SqueezeLinear(layer))

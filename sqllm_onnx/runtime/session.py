@@ -1,0 +1,86 @@
+"""ORT sessions for exported folders, and one decoder step with a KV cache (numpy, any provider)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import sqllm_onnx
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def model_file(model_dir: str | Path) -> Path:
+    path = Path(model_dir) / "model.onnx"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} holds no model.onnx (is it an sqllm-onnx export folder?)")
+    return path
+
+
+def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
+                 provider_options: dict | None = None) -> ort.InferenceSession:
+    """A session over DIR/model.onnx with the op library registered (harmless for graphs without it)."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        raise RuntimeError(f"{PROVIDERS[provider]} is not available in this onnxruntime "
+                           f"({ort.get_available_providers()}); install onnxruntime-gpu for --provider cuda")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sqllm_onnx.register(so)
+    if provider == "cuda":
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
+        providers = [(PROVIDERS["cuda"], provider_options or {}), PROVIDERS["cpu"]]
+    else:
+        providers = [PROVIDERS["cpu"]]
+    return ort.InferenceSession(str(model_file(model_dir)), so, providers=providers)
+
+
+class Decoder:
+    """Steps an Optimum `text-generation-with-past` decoder: feeds input ids plus the KV cache of
+    the previous steps, keeps the new cache. Batch 1, numpy tensors."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+        self.input_names = {i.name for i in session.get_inputs()}
+        self.past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.present_names = [p.name.replace("past_key_values.", "present.") for p in self.past]
+        self.float_type = np.float16 if self.past and "float16" in self.past[0].type else np.float32
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = {}
+        for p in self.past:
+            shape = [1 if d == "batch_size" else (0 if isinstance(d, str) or d is None else d) for d in p.shape]
+            self.cache[p.name] = np.zeros(shape, self.float_type)
+        self.length = 0
+
+    def step(self, ids) -> np.ndarray:
+        """Logits [len(ids), vocab] (float32) for `ids` appended to everything fed so far."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        n = ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, self.length + n), np.int64),
+                 "position_ids": np.arange(self.length, self.length + n, dtype=np.int64)[None], **self.cache}
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        outputs = self.session.run(["logits", *self.present_names], feeds)
+        self.cache = {p.name: out for p, out in zip(self.past, outputs[1:])}
+        self.length += n
+        return outputs[0][0].astype(np.float32)
+
+
+def greedy_generate(decoder: Decoder, prompt_ids, max_new_tokens: int, eos_token_id=None) -> list[int]:
+    """Greedy decoding with the KV cache: the prompt in one step, then one token per step."""
+    decoder.reset()
+    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
+    logits = decoder.step(prompt_ids)
+    out = []
+    for _ in range(max_new_tokens):
+        token = int(np.argmax(logits[-1]))
+        out.append(token)
+        if token in eos:
+            break
+        logits = decoder.step([token])
+    return out
