@@ -59,7 +59,7 @@ def resolve(name_or_path: str | None) -> str:
 def load_model(name_or_path: str | None = None, dtype=None):
     """(model, tokenizer) in eval mode on the CPU. `dtype` defaults to float32."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype = dtype or torch.float32
     name = resolve(name_or_path)
@@ -72,6 +72,7 @@ def load_model(name_or_path: str | None = None, dtype=None):
         # HF_HUB_OFFLINE is read by huggingface_hub at import time; honour it when set later too.
         local_only = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         try:
+            check_architecture(AutoConfig.from_pretrained(name, local_files_only=local_only))
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, low_cpu_mem_usage=True,
                                                          local_files_only=local_only)

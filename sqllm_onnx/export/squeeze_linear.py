@@ -42,12 +42,19 @@ class _SqueezeMatMulFunction(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, qweight, lut, indptr, indices, values, bias, K: int, N: int, bits: int):
+        # torch's exporter may compute the producer of x in fp32 (e.g. attention upcast in an fp16
+        # model) while recording fp16: the op needs A in the LUT's type, and ORT drops the Cast
+        # where it is a no-op.
+        x = g.op("Cast", x, to_i=_ONNX_FLOAT_TYPES[lut.type().scalarType()])
         inputs = [x, qweight, lut]
         if indptr is not None or bias is not None:
             inputs += [indptr, indices, values] if indptr is not None else [_omitted(g)] * 3
         if bias is not None:
             inputs.append(bias)
         return g.op(f"{DOMAIN}::{OP_TYPE}", *inputs, K_i=K, N_i=N, bits_i=bits)
+
+
+_ONNX_FLOAT_TYPES = {"Float": 1, "Half": 10}  # ONNX TensorProto.FLOAT, FLOAT16
 
 
 def _omitted(g):
