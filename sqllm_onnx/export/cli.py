@@ -49,6 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint from `sqllm-onnx quantize` (skips quantization)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-validate", action="store_true", help="skip comparing ORT logits with torch")
+    p.add_argument("--graph", choices=("lean", "plain"), default=None,
+                   help="lean: decoder layers as ORT fused ops (GroupQueryAttention, SkipSimplifiedLayerNormalization; "
+                   "~13 nodes per layer, for fast decoding); plain: Optimum's graph op by op. Default: lean for "
+                   "llama, mistral and qwen2, plain otherwise")
 
 
 def main(args, command: str) -> int:
@@ -59,7 +63,7 @@ def main(args, command: str) -> int:
         raise SystemExit(f"--from-checkpoint {args.from_checkpoint} does not exist")
     try:
         export(args.out, config, args.model, dtype=args.dtype, from_checkpoint=args.from_checkpoint,
-               overwrite=args.overwrite, validate=not args.no_validate)
+               overwrite=args.overwrite, validate=not args.no_validate, graph=args.graph)
     except (ExportError, models.ModelNotAvailable, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"export failed: {e}")
     return 0

@@ -24,7 +24,7 @@ import numpy as np
 
 import sqllm_onnx
 from sqllm_onnx import models
-from sqllm_onnx.export import configs, onnx_graph
+from sqllm_onnx.export import configs, lean_graph, onnx_graph
 
 TASK = "text-generation-with-past"
 DTYPES = ("fp16", "fp32")
@@ -38,15 +38,18 @@ class ExportError(RuntimeError):
 
 def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | None = None, dtype: str = "fp16",
            from_checkpoint: str | Path | None = None, overwrite: bool = False, validate: bool = True,
-           progress: bool = True, log=print) -> Path:
+           progress: bool = True, log=print, graph: str | None = None) -> Path:
     """Export `model_name_or_path` (default: the embedded SmolLM2-135M) into `out_dir`, quantized
     with `quant_config` or from the checkpoint `from_checkpoint`; with neither, unquantized (the
-    baseline the quantized exports are compared with)."""
+    baseline the quantized exports are compared with). `graph`: "lean" (fused ORT ops, see
+    lean_graph.py), "plain" (Optimum's graph as traced), or None: lean where supported."""
     import torch
 
     out_dir = Path(out_dir).resolve()
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if graph not in (None, *lean_graph.GRAPH_STYLES):
+        raise ExportError(f"graph must be one of {lean_graph.GRAPH_STYLES}, got {graph!r}")
     if out_dir.exists() and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass --overwrite to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -81,18 +84,27 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
         layers = {name: layer.astype(np_dtype) for name, layer in qmodel.layers.items()}
         swap_in(model, layers)
     model.to(torch.float16 if dtype == "fp16" else torch.float32)
+    try:
+        style, note = lean_graph.resolve_style(model, graph)
+    except lean_graph.LeanGraphUnsupported as e:
+        raise ExportError(f"graph='lean' is not possible for this model: {e}") from None
+    if note:
+        log(note)
 
     try:
         staging.mkdir()
-        log(f"exporting through Optimum ({TASK}) into {staging}")
-        _optimum_export(model, staging, dtype)
+        log(f"exporting through Optimum ({TASK}, {style} graph) into {staging}")
+        with lean_graph.patched(model) if style == "lean" else contextlib.nullcontext():
+            _optimum_export(model, staging, dtype)
+        if style == "lean":
+            lean_graph.finalize(staging / "model.onnx", model.config.vocab_size)
         summary = onnx_graph.finalize(staging / "model.onnx")
         if summary["squeeze_matmul_nodes"] != len(layers):
             raise ExportError(f"the graph has {summary['squeeze_matmul_nodes']} SqueezeMatMul nodes but "
                               f"{len(layers)} layers were quantized")
         _write_side_files(model, tokenizer, staging, out_dir)
         check = _validate(staging, model, tokenizer, dtype) if validate else None
-        manifest = _manifest(qmodel, dtype, summary, check, staging, time.time() - started)
+        manifest = _manifest(qmodel, dtype, summary, check, staging, time.time() - started, style)
         configs.write_json(staging / configs.MANIFEST, manifest)
         _replace(staging, out_dir)
     except BaseException:
@@ -222,11 +234,12 @@ def decoder_feeds(session, ids: np.ndarray, past_length: int = 0) -> dict:
     return {k: v for k, v in feeds.items() if k in names}
 
 
-def _manifest(qmodel, dtype, summary, check, folder: Path, seconds: float) -> dict:
+def _manifest(qmodel, dtype, summary, check, folder: Path, seconds: float, graph_style: str = "plain") -> dict:
     files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
     return {"format": "sqllm-onnx export", "sqllm_onnx_version": sqllm_onnx.__version__,
             "op": {"domain": "sqllm", "op_type": "SqueezeMatMul", "opset": 1},
-            "dtype": dtype, "task": TASK, "quantization": qmodel.manifest if qmodel is not None else None, "graph": summary,
+            "dtype": dtype, "task": TASK, "graph_style": graph_style,
+            "quantization": qmodel.manifest if qmodel is not None else None, "graph": summary,
             "validation": check, "files": files, "export_seconds": round(seconds, 1)}
 
 

@@ -1,0 +1,440 @@
+"""The "lean" graph style: decoder layers traced as ONNX Runtime's fused ops instead of primitives.
+
+Why: Optimum traces a Hugging Face decoder op by op. After ORT's own optimizations a llama layer is
+still ~115 nodes (Shape/Gather/Unsqueeze/Concat chains, RMSNorm as Pow/ReduceMean/Add/Sqrt/Div/Mul,
+rotary as ~10 ops, attention as ~15, plus the causal-mask construction). On the CUDA execution
+provider every node costs microseconds of launch and dispatch, so batch-1 decoding of a 7B model
+spends 10-20 ms/token on overhead while streaming its 3-bit weights takes ~1.2 ms: fewer weight
+bytes only shows up in tokens/s when the graph is lean. This module patches the model, before
+tracing, so that each decoder layer comes out as ~13 nodes, the shape ORT GenAI's model builder
+produces:
+
+    SkipSimplifiedLayerNormalization   input_layernorm, fused with the previous layer's residual add
+                                       (layer 0: SimplifiedLayerNormalization, nothing to add)
+    q_proj, k_proj, v_proj             whatever module is there: MatMul(+Add) for nn.Linear,
+                                       sqllm.SqueezeMatMul for SqueezeLinear (never fused into one
+                                       QKV matmul: the quantizer packs them separately)
+    GroupQueryAttention                rotary (do_rotary=1, cos/sin caches), KV-cache concat, causal
+                                       (and sliding-window) masking, GQA head sharing, softmax
+    o_proj
+    SkipSimplifiedLayerNormalization   residual add + post_attention_layernorm
+    gate_proj, up_proj, Sigmoid, Mul, Mul, down_proj     the SwiGLU MLP (SiLU traced as x*sigmoid(x);
+                                       ORT's optimizer fuses Sigmoid+Mul into QuickGelu(alpha=1))
+
+and once per graph: Gather (embedding), ReduceSum/Sub/Cast (seqlens_k = sum(attention_mask) - 1,
+int32 [batch]), Shape/Gather/Cast (total_sequence_length = attention_mask.shape[1], int32 scalar),
+the final norm as one more SkipSimplifiedLayerNormalization (fusing the last residual add), lm_head.
+The model's causal-mask and rotary-embedding construction are not traced at all.
+
+How: each fused piece is a `torch.autograd.Function` whose `forward` computes the same thing in
+torch (so tracing sees real values and shapes, and the patched model still runs eagerly) and whose
+`symbolic` emits the ORT op, the mechanism `SqueezeLinear` uses for SqueezeMatMul. `patched(model)`
+is a context manager that, for its duration, replaces the base model's forward (LlamaModel,
+MistralModel, Qwen2Model) by `_lean_model_forward`, which runs the decoder layers through
+`_lean_layer_forward` (the layers' own submodules: norms' weights, projections, MLP), and registers
+the cos/sin tables as buffers so they become two initializers shared by every layer. Leaving the
+context restores the model exactly.
+
+The I/O contract is Optimum's `text-generation-with-past`, unchanged: inputs input_ids,
+attention_mask, position_ids, past_key_values.{i}.key/value [batch, kv_heads, past_len, head_dim];
+outputs logits, present.{i}.key/value [batch, kv_heads, past_len + seq_len, head_dim]. Optimum turns
+the past inputs into a DynamicCache (one DynamicLayer per decoder layer, holding the input tensors)
+and the cache back into the present outputs (`to_legacy_cache`); the lean layer reads its layer's
+past K/V from that cache and stores GroupQueryAttention's present K/V in its place. The past and
+present tensors are separate buffers (GenAI: past_present_share_buffer false), as before.
+
+GroupQueryAttention (inputs 0-8 of its ORT 1.31 signature; the optional position_ids, attention_bias,
+head_sink, KV-quantization and q/k-norm inputs are left out): query, key, value [batch, seq, heads*head_dim]
+(BSH, exactly the projections' outputs: no Reshape/Transpose), past_key, past_value (BNSH),
+seqlens_k, total_sequence_length, cos_cache, sin_cache [max_position_embeddings, rotary_dim/2];
+attributes num_heads, kv_num_heads, scale (the attention module's own scaling), do_rotary=1,
+rotary_interleaved=0 (HF's rotate_half), local_window_size (Mistral/Qwen2 sliding window, whose
+window includes the current token as HF's does; -1 otherwise). The cos/sin tables come from the
+model's own rotary-embedding module evaluated at positions 0..max_position_embeddings-1, attention
+scaling included, so every rope type that depends only on the position is right (default, linear,
+llama3, yarn); types that depend on the sequence length (dynamic, longrope) are refused.
+Kernels: CPU float32 and float16 (both tested here), CUDA float16 and bfloat16 only (an fp32 export
+on the CUDA EP runs attention on the CPU: export fp16 for GPUs). SimplifiedLayerNormalization (onnx
+domain, an ORT op) and com.microsoft.SkipSimplifiedLayerNormalization: CPU float32/float16 (tested),
+CUDA float32/float16. local_window_size's meaning (key k visible from query q when q - k < window)
+was checked against HF on the CPU EP only; the CUDA kernels are meant to agree but are untested here.
+
+Limitations (all exact for batch 1 and for unpadded batches, which is how Decoder, greedy_generate,
+ORT GenAI and ORTModelForCausalLM with one prompt use the graph):
+- position_ids stays a graph input (the contract) but is not read: GroupQueryAttention derives each
+  token's rotary position from the cache, position = seqlens_k[b] + 1 - seq_len + i (a first prompt:
+  0..seq_len-1). Left-padded batches (what transformers' generate uses for batched prompts) therefore
+  get shifted positions, and GroupQueryAttention's masking assumes each row's valid tokens start at
+  position 0 (right padding): batched, left-padded prompts are not exact.
+- GroupQueryAttention refuses seq_len > 1 together with a non-empty cache unless batch is 1 ("batch_size
+  must be 1 when sequence_length > 1 and past context is given"): chunked prefill and multi-token
+  steps are batch-1 only.
+- Sequences are limited to max_position_embeddings tokens (the cos/sin tables' length).
+- Rope types dynamic and longrope are refused (the exporter falls back to the plain graph when the
+  style was not asked for explicitly). OPT is always exported plain.
+- The eager torch forward of the patched model mirrors the fused ops for unpadded inputs and
+  DynamicLayer caches; it exists for tracing, not as a replacement model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+ARCHITECTURES = ("llama", "mistral", "qwen2")
+GRAPH_STYLES = ("lean", "plain")
+# Rope types whose cos/sin depend only on the position (see transformers' ROPE_INIT_FUNCTIONS).
+POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")
+MS_DOMAIN = "com.microsoft"
+COS_CACHE, SIN_CACHE = "lean_cos_cache", "lean_sin_cache"
+
+
+class LeanGraphUnsupported(ValueError):
+    """The model cannot be exported in the lean style (the message says why)."""
+
+
+# ---- the fused ops ---------------------------------------------------------------------------------
+
+def _to(x: torch.Tensor, dtype) -> torch.Tensor:
+    """x.to(dtype), but no op at all when x already has that dtype: the tracer records a no-op
+    `.to` as a Cast and rebinds the tensor to it, so later uses of x would read a stray Cast."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm: normalise in float32, back to the input dtype, times the weight."""
+    h = _to(x, torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * _to(h, x.dtype)
+
+
+class _SimplifiedLayerNorm(torch.autograd.Function):
+    """RMSNorm -> SimplifiedLayerNormalization (onnx domain, implemented by ORT)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        return _rms(x, weight, eps)
+
+    @staticmethod
+    def symbolic(g, x, weight, eps: float):
+        return g.op("SimplifiedLayerNormalization", x, weight, axis_i=-1, epsilon_f=eps, stash_type_i=1)
+
+
+class _SkipSimplifiedLayerNorm(torch.autograd.Function):
+    """(x + skip) -> (RMSNorm(x + skip), x + skip): com.microsoft.SkipSimplifiedLayerNormalization,
+    outputs 0 (normalised) and 3 (the sum, the next residual)."""
+
+    @staticmethod
+    def forward(ctx, x, skip, weight, eps: float):
+        total = skip + x
+        return _rms(total, weight, eps), total
+
+    @staticmethod
+    def symbolic(g, x, skip, weight, eps: float):
+        out, _mean, _inv_std, total = g.op(f"{MS_DOMAIN}::SkipSimplifiedLayerNormalization", x, skip, weight,
+                                           epsilon_f=eps, outputs=4)
+        return out, total
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """Rotary + KV-cache concat + causal GQA -> com.microsoft.GroupQueryAttention.
+
+    q [B, S, H*D], k/v [B, S, KV*D], past_k/past_v [B, KV, P, D], seqlens_k int32 [B],
+    total_len int32 scalar, cos/sin [max_pos, D/2]; returns out [B, S, H*D], present_k/present_v
+    [B, KV, P+S, D]. The torch forward follows the op for unpadded rows (seqlens_k = P + S - 1)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
+                num_heads: int, kv_num_heads: int, scale: float, window: int):
+        B, S, _ = q.shape
+        D = q.shape[-1] // num_heads
+        P = past_k.shape[2]
+        q = q.reshape(B, S, num_heads, D).transpose(1, 2)
+        k = k.reshape(B, S, kv_num_heads, D).transpose(1, 2)
+        v = v.reshape(B, S, kv_num_heads, D).transpose(1, 2)
+        # GroupQueryAttention's positions: a first prompt 0..S-1, otherwise seqlens_k + 1 - S + i.
+        steps = torch.arange(S, device=q.device)
+        if P == 0:
+            pos = steps[None].expand(B, S)
+        else:
+            pos = (_to(seqlens_k, torch.int64)[:, None] + 1 - S + steps[None]).clamp(0, cos_cache.shape[0] - 1)
+        rot = cos_cache.shape[-1] * 2
+        cos = _to(torch.cat([cos_cache[pos]] * 2, dim=-1)[:, None], torch.float32)  # [B, 1, S, rot]
+        sin = _to(torch.cat([sin_cache[pos]] * 2, dim=-1)[:, None], torch.float32)
+
+        def rope(x):
+            xf = _to(x, torch.float32)
+            xr, xp = xf[..., :rot], xf[..., rot:]
+            return _to(torch.cat([xr * cos + _rotate_half(xr) * sin, xp], dim=-1), x.dtype)
+
+        q, k = rope(q), rope(k)
+        present_k = torch.cat([past_k, k], dim=2)
+        present_v = torch.cat([past_v, v], dim=2)
+        groups = num_heads // kv_num_heads
+        keys = _to(present_k.repeat_interleave(groups, dim=1), torch.float32)
+        values = _to(present_v.repeat_interleave(groups, dim=1), torch.float32)
+        scores = torch.matmul(_to(q, torch.float32), keys.transpose(2, 3)) * scale
+        q_idx = (P + steps)[:, None]
+        k_idx = torch.arange(P + S, device=q.device)[None]
+        visible = k_idx <= q_idx
+        if window > 0:
+            visible = visible & (k_idx > q_idx - window)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        out = _to(torch.matmul(torch.softmax(scores, dim=-1), values), q.dtype)
+        return out.transpose(1, 2).reshape(B, S, num_heads * D), present_k, present_v
+
+    @staticmethod
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
+                 num_heads: int, kv_num_heads: int, scale: float, window: int):
+        return g.op(f"{MS_DOMAIN}::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache,
+                    sin_cache, num_heads_i=num_heads, kv_num_heads_i=kv_num_heads, scale_f=scale, do_rotary_i=1,
+                    rotary_interleaved_i=0, local_window_size_i=window, outputs=3)
+
+
+# ---- what the model needs -------------------------------------------------------------------------
+
+def check(model) -> None:
+    """Raise LeanGraphUnsupported unless `model` (a *ForCausalLM) can be exported lean."""
+    config = model.config
+    if config.model_type not in ARCHITECTURES:
+        raise LeanGraphUnsupported(f"the lean graph style supports {', '.join(ARCHITECTURES)}, not "
+                                   f"{config.model_type!r}")
+    base = _base_model(model)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None:
+        raise LeanGraphUnsupported(f"{type(base).__name__} has no rotary_emb module")
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in POSITION_ONLY_ROPE:
+        raise LeanGraphUnsupported(
+            f"rope type {rope_type!r} depends on the sequence length, which GroupQueryAttention's fixed cos/sin "
+            f"tables cannot follow (supported: {', '.join(POSITION_ONLY_ROPE)}); export with graph='plain'")
+    for i, layer in enumerate(base.layers):
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if not hasattr(attn, name):
+                raise LeanGraphUnsupported(f"layer {i}'s attention has no {name}")
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if not hasattr(getattr(layer, name, None), "weight"):
+                raise LeanGraphUnsupported(f"layer {i} has no RMSNorm {name}")
+    if getattr(config, "num_attention_heads", 0) % (getattr(config, "num_key_value_heads", None) or 1):
+        raise LeanGraphUnsupported("num_attention_heads is not a multiple of num_key_value_heads")
+
+
+def supported(model) -> str | None:
+    """None when `model` can be exported lean, else the reason it cannot."""
+    try:
+        check(model)
+    except LeanGraphUnsupported as e:
+        return str(e)
+    return None
+
+
+def _base_model(model):
+    return getattr(model, model.base_model_prefix, model)
+
+
+def _eps(norm, config) -> float:
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is None:
+        eps = getattr(norm, "eps", None)
+    return float(eps if eps is not None else config.rms_norm_eps)
+
+
+def _window(attn, config) -> int:
+    """GroupQueryAttention's local_window_size: HF's sliding window (keys with q - k < window), or -1."""
+    if config.model_type == "qwen2":
+        window = getattr(attn, "sliding_window", None)  # per layer (layer_types)
+    else:
+        window = getattr(config, "sliding_window", None)
+    return int(window) if window else -1
+
+
+def rotary_tables(model, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin caches [max_position_embeddings, rotary_dim/2] from the model's own rotary module
+    (attention scaling included), computed in float32 like HF does and cast to `dtype`."""
+    base = _base_model(model)
+    rotary = base.rotary_emb
+    n = int(model.config.max_position_embeddings)
+    positions = torch.arange(n, dtype=torch.int64)[None]
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32, device=rotary.inv_freq.device), positions)
+    cos, sin = cos[0].to(torch.float32), sin[0].to(torch.float32)
+    half = cos.shape[-1] // 2
+    if not (torch.equal(cos[:, :half], cos[:, half:]) and torch.equal(sin[:, :half], sin[:, half:])):
+        raise LeanGraphUnsupported("the rotary embedding is not of the rotate_half form cat(freqs, freqs)")
+    return cos[:, :half].to(dtype).contiguous(), sin[:, :half].to(dtype).contiguous()
+
+
+# ---- the patched forwards -------------------------------------------------------------------------
+
+def _cache_layer(cache, idx):
+    layers = getattr(cache, "layers", None)
+    if cache is None or layers is None or idx >= len(layers):
+        return None
+    return layers[idx]
+
+
+def _lean_layer_forward(layer, pending, residual, cache, seqlens_k, total_len, cos_cache, sin_cache, config):
+    """One decoder layer. `pending` is the previous layer's MLP output (None for layer 0), not yet
+    added to `residual`; returns this layer's (MLP output, residual) for the next one."""
+    attn = layer.self_attn
+    norm = layer.input_layernorm
+    if pending is None:
+        x = _SimplifiedLayerNorm.apply(residual, norm.weight, _eps(norm, config))
+    else:
+        x, residual = _SkipSimplifiedLayerNorm.apply(pending, residual, norm.weight, _eps(norm, config))
+    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    B = x.shape[0]
+    kv_heads = config.num_key_value_heads or config.num_attention_heads
+    cached = _cache_layer(cache, attn.layer_idx)
+    if cached is not None and getattr(cached, "is_initialized", False):
+        if type(cached).__name__ != "DynamicLayer":
+            raise NotImplementedError(f"the lean graph patch handles DynamicLayer caches, not {type(cached).__name__}")
+        past_k, past_v = cached.keys, cached.values
+    else:
+        past_k = past_v = torch.zeros(B, kv_heads, 0, attn.head_dim, dtype=x.dtype, device=x.device)
+    out, present_k, present_v = _GroupQueryAttention.apply(
+        q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, int(config.num_attention_heads),
+        int(kv_heads), float(attn.scaling), _window(attn, config))
+    if cached is not None and getattr(cached, "is_initialized", False):
+        cached.keys, cached.values = present_k, present_v  # Optimum reads the present outputs here
+    elif cache is not None:
+        cache.update(present_k, present_v, attn.layer_idx)
+    a = attn.o_proj(out)
+    norm = layer.post_attention_layernorm
+    x, residual = _SkipSimplifiedLayerNorm.apply(a, residual, norm.weight, _eps(norm, config))
+    return layer.mlp(x), residual
+
+
+def _lean_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                        inputs_embeds=None, use_cache=None, cache_position=None, **kwargs):
+    """LlamaModel/MistralModel/Qwen2Model.forward, lean: no causal mask, no rotary construction
+    (position_ids is accepted and, as in GroupQueryAttention, positions come from the cache)."""
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if inputs_embeds is None:
+        inputs_embeds = self.embed_tokens(input_ids)
+    if use_cache is None:
+        use_cache = self.config.use_cache
+    if use_cache and past_key_values is None:
+        past_key_values = DynamicCache()  # DynamicLayers (no sliding-window layers: GQA holds the full cache)
+    if attention_mask is None:
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        attention_mask = torch.ones(inputs_embeds.shape[0], past + inputs_embeds.shape[1], dtype=torch.int64,
+                                    device=inputs_embeds.device)
+    # GroupQueryAttention's two length inputs, computed once: ReduceSum/Sub/Cast and Shape/Gather/Cast.
+    seqlens_k = _to(_to(attention_mask, torch.int64).sum(-1) - 1, torch.int32)
+    total_len = _to(torch._shape_as_tensor(attention_mask)[1], torch.int32)
+    cos_cache = _to(getattr(self, COS_CACHE), inputs_embeds.dtype)
+    sin_cache = _to(getattr(self, SIN_CACHE), inputs_embeds.dtype)
+    pending, residual = None, inputs_embeds
+    for layer in self.layers[: self.config.num_hidden_layers]:
+        pending, residual = _lean_layer_forward(layer, pending, residual, past_key_values, seqlens_k, total_len,
+                                                cos_cache, sin_cache, self.config)
+    if pending is None:
+        hidden = _SimplifiedLayerNorm.apply(residual, self.norm.weight, _eps(self.norm, self.config))
+    else:
+        hidden, _ = _SkipSimplifiedLayerNorm.apply(pending, residual, self.norm.weight, _eps(self.norm, self.config))
+    return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
+
+
+@contextlib.contextmanager
+def patched(model, dtype=None):
+    """Within the context, `model` traces (and runs) in the lean style; on exit it is restored.
+    `dtype` is the cos/sin tables' dtype (default: the model's)."""
+    check(model)
+    base = _base_model(model)
+    dtype = dtype or next(model.parameters()).dtype
+    cos, sin = rotary_tables(model, dtype)
+    had_forward = "forward" in base.__dict__
+    old_forward = base.__dict__.get("forward")
+    # Persistent buffers: torch's exporter turns state-dict entries into initializers, one pair shared
+    # by every layer (non-persistent buffers would be inlined as Constant nodes).
+    base.register_buffer(COS_CACHE, cos, persistent=True)
+    base.register_buffer(SIN_CACHE, sin, persistent=True)
+    base.forward = _lean_model_forward.__get__(base, type(base))
+    try:
+        yield model
+    finally:
+        if had_forward:
+            base.forward = old_forward
+        else:
+            del base.forward
+        del base._buffers[COS_CACHE]
+        del base._buffers[SIN_CACHE]
+
+
+def finalize(model_path, vocab_size: int | None = None) -> None:
+    """Structure-only touch-ups of a freshly traced lean graph (tensor data is never loaded):
+    - position_ids goes back into the inputs: the lean layers do not read it, so torch's exporter
+      dropped it, but it is part of the I/O contract (an unused input costs nothing);
+    - the optional outputs of SkipSimplifiedLayerNormalization nobody reads (mean, inv_std_var, and
+      the final norm's sum) are left unnamed, so no EP computes or allocates them;
+    - ONNX shape inference does not know ORT's contrib ops, so torch left placeholder names on the
+      outputs' static axes: logits' vocabulary axis becomes `vocab_size` again and present.{i}'s
+      heads and head_dim axes those of past_key_values.{i}, as in the plain graph; the intermediate
+      value_info (placeholders only) goes, as in the plain graph: ORT infers those shapes itself."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    names = [i.name for i in graph.input]
+    if "position_ids" not in names and "attention_mask" in names:
+        position_ids = onnx.helper.make_tensor_value_info("position_ids", onnx.TensorProto.INT64,
+                                                          ["batch_size", "sequence_length"])
+        inputs = list(graph.input)
+        inputs.insert(names.index("attention_mask") + 1, position_ids)
+        del graph.input[:]
+        graph.input.extend(inputs)
+    consumed = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        if node.op_type == "SkipSimplifiedLayerNormalization" and node.domain == MS_DOMAIN:
+            outputs = [name if i == 0 or name in consumed else "" for i, name in enumerate(node.output)]
+            while outputs and outputs[-1] == "":
+                outputs.pop()
+            del node.output[:]
+            node.output.extend(outputs)
+    del graph.value_info[:]
+    inputs = {i.name: i.type.tensor_type.shape.dim for i in graph.input}
+    for output in graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if output.name == "logits" and vocab_size and len(dims) == 3:
+            static = {2: int(vocab_size)}
+        elif output.name.startswith("present."):
+            past = inputs.get(output.name.replace("present.", "past_key_values.", 1), [])
+            static = {a: d.dim_value for a, d in enumerate(past) if d.dim_value and a < len(dims)}
+        else:
+            static = {}
+        for axis, size in static.items():
+            if not dims[axis].dim_value:
+                dims[axis].Clear()
+                dims[axis].dim_value = size
+    onnx.save(model, str(model_path))
+
+
+def resolve_style(model, graph: str | None) -> tuple[str, str | None]:
+    """(style, note): `graph` None means lean where supported, else plain (the note says why);
+    an explicit "lean" on an unsupported model raises LeanGraphUnsupported."""
+    if graph is not None and graph not in GRAPH_STYLES:
+        raise ValueError(f"graph must be one of {GRAPH_STYLES}, got {graph!r}")
+    if graph == "plain":
+        return "plain", None
+    reason = supported(model)
+    if reason is None:
+        return "lean", None
+    if graph == "lean":
+        raise LeanGraphUnsupported(reason)
+    return "plain", f"plain graph: {reason}"
+
+
+__all__ = ["ARCHITECTURES", "GRAPH_STYLES", "LeanGraphUnsupported", "check", "supported", "patched", "finalize",
+           "resolve_style", "rotary_tables"]
