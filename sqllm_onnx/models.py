@@ -48,10 +48,13 @@ def embedded_model_dir() -> Path:
     return folder
 
 
+RANDOM_PREFIX = "random:"  # "random:llama-7b", "random:opt": random weights, nothing downloaded
+
+
 def resolve(name_or_path: str | None) -> str:
-    """A local folder, the embedded model's name, or a hub id (short names expanded)."""
+    """A local folder, the embedded model's name, a random model, or a hub id (short names expanded)."""
     name = name_or_path or EMBEDDED
-    if name == EMBEDDED or Path(name).exists():
+    if name == EMBEDDED or name.startswith(RANDOM_PREFIX) or Path(name).exists():
         return name
     return SHORT_NAMES.get(name.lower(), name)
 
@@ -63,6 +66,9 @@ def load_model(name_or_path: str | None = None, dtype=None):
 
     dtype = dtype or torch.float32
     name = resolve(name_or_path)
+    if name.startswith(RANDOM_PREFIX):
+        arch, _, preset = name[len(RANDOM_PREFIX):].partition("-")
+        return random_model(arch, preset or "tiny", dtype=dtype)
     if name == EMBEDDED:
         folder = embedded_model_dir()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_EMBEDDED_GGUF)

@@ -1,9 +1,18 @@
-// Host-callable launchers of the CUDA kernels (ops/cuda/*.cu). Pointers are device pointers;
-// every launch goes on `stream`, and the return value is "" or a CUDA error message.
+// Host-callable entry points of the CUDA SqueezeMatMul (ops/cuda/*). Pointers are device pointers;
+// every launch goes on `stream`; nothing here synchronises the host, allocates device memory or
+// creates library handles, so all of it may be captured into a CUDA graph. Return values are "" or
+// an error message starting with "SqueezeMatMul (CUDA)".
+//
+// Paths (docs/cuda-kernels.md):
+//   decode  (fp16: M <= Tuning::decode_max_m, in chunks of 8 rows of A; fp32: M <= 8)
+//           LUT GEMV with the sparse part, the K tail and the bias fused; no scratch.
+//   prefill (larger M) W (dense + sparse) dequantized into a scratch buffer, chunk by chunk of
+//           rows of W, then one cuBLAS GEMM per chunk on tensor cores (fp32 compute).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <string>
 
 #include "sqllm/contract.h"
@@ -11,17 +20,33 @@
 namespace sqllm::cuda {
 
 struct DeviceArgs {
-  const void* a;          // T [M, K]
+  const void* a;            // T [M, K]
   const uint32_t* qweight;  // [N, words]
-  const void* lut;        // T [N, 2^bits]
-  const int32_t* indptr;  // [N+1] or null
-  const int32_t* indices;
-  const void* values;  // T [nnz]
-  const void* bias;    // T [N] or null
-  void* y;             // T [M, N]
-  bool half;
+  const void* lut;          // T [N, 2^bits]
+  const int32_t* indptr;    // [N+1] or null
+  const int32_t* indices;   // [nnz]
+  const void* values;       // T [nnz]
+  const void* bias;         // T [N] or null
+  void* y;                  // T [M, N]
+  bool half;                // T = float16 (else float32)
 };
 
-std::string LaunchSqueezeMatMul(const Problem& p, const DeviceArgs& args, cudaStream_t stream);
+struct LaunchOptions {
+  // qweight is constant for the lifetime of the kernel (an initializer): with PDL the decode
+  // kernel may then start streaming it before the previous kernel on the stream has finished.
+  bool qweight_constant = false;
+};
+
+// Whether `p` takes the decode path (else the prefill path).
+bool UsesDecodePath(const Problem& p);
+
+// The decode path (requires UsesDecodePath(p)).
+std::string LaunchDecode(const Problem& p, const DeviceArgs& args, cudaStream_t stream, const LaunchOptions& options);
+
+// The prefill path needs a scratch buffer of PrefillScratchBytes(p) bytes (256-byte aligned) and a
+// cuBLAS handle (cublas_lib.h) for the current device.
+size_t PrefillScratchBytes(const Problem& p);
+std::string LaunchPrefill(const Problem& p, const DeviceArgs& args, cudaStream_t stream, void* scratch,
+                          void* cublas_handle);
 
 }  // namespace sqllm::cuda

@@ -13,11 +13,14 @@ import dataclasses
 import datetime
 import json
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
@@ -73,8 +76,9 @@ def _nbits_inputs(rng, K: int, N: int, block: int, dtype, prefix: str):
     return [numpy_helper.from_array(b, f"{prefix}.B"), numpy_helper.from_array(scales, f"{prefix}.scales")]
 
 
-def build_graph(method: Method, K: int, N: int, M: int, ops: int, dtype, seed: int = 0) -> tuple[bytes, int]:
-    """The benchmark model and the number of weight bytes one op reads."""
+def build_graph(method: Method, K: int, N: int, M: int, ops: int, dtype, seed: int = 0) -> tuple[str | bytes, int]:
+    """The benchmark model (bytes, or the path of a file with external data when its weights pass
+    protobuf's 2 GB limit, e.g. 16 fp16 4096x32000 matrices) and the weight bytes one op reads."""
     rng = np.random.default_rng(seed)
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     nodes, inits, outputs, weight_bytes = [], [], [], 0
@@ -102,12 +106,16 @@ def build_graph(method: Method, K: int, N: int, M: int, ops: int, dtype, seed: i
     model = helper.make_model(graph, ir_version=IR_VERSION, opset_imports=[
         helper.make_opsetid("", DEFAULT_ONNX_OPSET), helper.make_opsetid(DOMAIN, OPSET_VERSION),
         helper.make_opsetid("com.microsoft", 1)])
-    return model.SerializeToString(), weight_bytes
+    if weight_bytes * ops < 1.8e9:
+        return model.SerializeToString(), weight_bytes
+    folder = Path(tempfile.mkdtemp(prefix="sqllm-bench-"))
+    onnx.save(model, str(folder / "bench.onnx"), save_as_external_data=True, location="bench.onnx.data")
+    return str(folder / "bench.onnx"), weight_bytes
 
 
 # ---- timing ----------------------------------------------------------------------------------------
 
-def _session(model: bytes, provider: str, cuda_graph: bool, threads: int):
+def _session(model: str | bytes, provider: str, cuda_graph: bool, threads: int):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -162,14 +170,23 @@ def run_benchmark(provider: str, shapes, methods, M: int, ops: int, repeats: int
         graph_modes = (False,)
     for K, N in shapes:
         for method in methods:
-            model, wbytes = build_graph(method, K, N, M, ops, dtype)
-            row = {"K": K, "N": N, "method": method.name, "weight_bytes": wbytes}
+            row = {"K": K, "N": N, "method": method.name}
+            try:
+                model, row["weight_bytes"] = build_graph(method, K, N, M, ops, dtype)
+            except Exception as e:
+                row["error"] = f"building the graph failed: {str(e).splitlines()[0][:200]}"
+                progress(_row_line(row))
+                results["rows"].append(row)
+                continue
+            wbytes = row["weight_bytes"]
             for graph in graph_modes:
                 try:
                     t = time_session(model, provider, M, K, N, ops, dtype, repeats, cuda_graph=graph, threads=threads)
                     row["graph_us" if graph else "us"] = t / ops * 1e6
                 except Exception as e:  # a baseline the installed ORT cannot run is reported, not fatal
                     row["graph_error" if graph else "error"] = str(e).splitlines()[0][:200]
+            if isinstance(model, str):  # a temporary file with external data
+                shutil.rmtree(Path(model).parent, ignore_errors=True)
             if "us" in row:
                 row["gbps"] = wbytes / (row["us"] * 1e-6) / 1e9
             if provider == "cuda" and kernel_only and method.kind == "squeeze":
