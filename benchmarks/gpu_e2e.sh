@@ -69,7 +69,7 @@ for m in $METHODS; do
       extra=()
       [ "$QMETHOD" != squeezellm ] && extra+=(--method "$QMETHOD" --no-validate)
       [ "$QMETHOD" != squeezellm ] && [ "$sparsity" != 0 ] && extra+=(--sensitive 0)
-      run "export-$m" 300 export_cmd --bits "$bits" --sparsity "$sparsity" $CALIB "${extra[@]}" --out "$WORK/$tag-$m" \
+      run "export-$m" 300 "$PY" -m sqllm_onnx.cli export --model "$MODEL" --dtype fp16 --overwrite --bits "$bits" --sparsity "$sparsity" $CALIB "${extra[@]}" --out "$WORK/$tag-$m" \
         && dirs+=("$WORK/$tag-$m") ;;
   esac
 done

@@ -11,12 +11,18 @@ from sqllm_onnx import models
 def add_quant_arguments(p: argparse.ArgumentParser) -> None:
     """The quantization options shared by `export` and `demo`."""
     p.add_argument("--model", default=None, help=f"local folder, hub id, or short name (default: {models.EMBEDDED}, "
-                   f"the embedded SmolLM2-135M; short names: {', '.join(sorted(models.SHORT_NAMES))})")
-    p.add_argument("--bits", type=int, default=3, help="code width: 3 or 4 (2 and 8 also work)")
+                   f"the embedded SmolLM2-135M; short names: {', '.join(sorted(models.SHORT_NAMES))}; "
+                   "random:ARCH[-7b] for random weights, e.g. random:llama-7b)")
+    p.add_argument("--bits", type=int, default=3, help="code width: 3 or 4 (2 and 8 also work); "
+                   "--method finequant: 4 or 8")
     p.add_argument("--sparsity", type=float, default=0.05, help="percent of weights kept sparse: 0.05 = 0.05%%, "
                    "0.45 = 0.45%% (paper naming)")
-    p.add_argument("--method", default="squeezellm", choices=("squeezellm", "kmeans", "rtn"),
-                   help="squeezellm = Fisher-weighted k-means (default); kmeans and rtn for ablations")
+    p.add_argument("--method", default="squeezellm", choices=("squeezellm", "kmeans", "rtn", "finequant"),
+                   help="squeezellm = Fisher-weighted k-means (default); kmeans and rtn for ablations; finequant = "
+                   "calibration-free block-wise int4/int8 as ORT MatMulNBits nodes, block size chosen per matrix "
+                   "(docs/finequant.md; --sparsity and --calib-* do not apply)")
+    p.add_argument("--block-size", type=int, default=None, help="--method finequant only: one fixed block size "
+                   "for every matrix (16, 32, 64, 128 or 256; plain fixed-block RTN) instead of the adaptive choice")
     p.add_argument("--calib-data", default=None, help="calibration text: a file, hf:NAME[:CONFIG][:SPLIT] (online), "
                    "or 'stdlib' (default: the calibration part of pydoc_data.topics)")
     p.add_argument("--calib-samples", type=int, default=100, help="calibration windows (paper: 100)")
@@ -26,6 +32,18 @@ def add_quant_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def quant_config_from(args, dtype: str):
+    block_size = getattr(args, "block_size", None)
+    if args.method == "finequant":
+        from sqllm_onnx.finequant import BLOCK_SIZES, FineQuantConfig
+
+        if args.bits not in (4, 8):
+            raise SystemExit(f"--method finequant needs --bits 4 or 8 (got {args.bits})")
+        if block_size is not None and block_size not in BLOCK_SIZES:
+            raise SystemExit(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))} (got {block_size})")
+        return FineQuantConfig(bits=args.bits, block_size=block_size, quantize_lm_head=args.quantize_lm_head,
+                               scale_dtype="float16" if dtype == "fp16" else "float32")
+    if block_size is not None:
+        raise SystemExit("--block-size applies to --method finequant only")
     from sqllm_onnx.quantize import QuantConfig
 
     if args.bits not in (2, 3, 4, 8):
@@ -59,6 +77,8 @@ def main(args, command: str) -> int:
     from sqllm_onnx.export.exporter import ExportError, export
 
     config = quant_config_from(args, args.dtype)
+    if args.method == "finequant" and args.from_checkpoint is not None:
+        raise SystemExit("--from-checkpoint holds SqueezeLLM checkpoints; --method finequant needs none")
     if args.from_checkpoint is not None and not args.from_checkpoint.exists():
         raise SystemExit(f"--from-checkpoint {args.from_checkpoint} does not exist")
     try:

@@ -61,6 +61,9 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
 
     qmodel = None
+    nbits = getattr(quant_config, "method", None) == "finequant"  # FineQuant: MatMulNBits, sqllm_onnx/finequant
+    if nbits and from_checkpoint is not None:
+        raise ExportError("FineQuant needs no checkpoint (it is calibration-free); drop from_checkpoint")
     if quant_config is None and from_checkpoint is None:
         log("no quantization requested: exporting the model as it is (a baseline)")
     elif from_checkpoint is not None:
@@ -70,7 +73,13 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
         log(f"loaded quantized checkpoint {from_checkpoint} ({len(qmodel.layers)} layers)")
     log(f"loading {model_name_or_path or models.EMBEDDED}")
     model, tokenizer = models.load_model(model_name_or_path, dtype=_load_dtype(model_name_or_path))
-    if qmodel is None and quant_config is not None:
+    if nbits:
+        from sqllm_onnx.export import nbits_linear
+        from sqllm_onnx.finequant import quantize_model as finequant_model
+
+        log(f"quantizing: {quant_config.describe()}")
+        qmodel = finequant_model(model, quant_config, progress=progress, log=log)
+    elif qmodel is None and quant_config is not None:
         from sqllm_onnx.quantize import quantize_model
 
         log(f"quantizing: {quant_config.method}, {quant_config.bits} bits, {quant_config.sparsity}% sparse")
@@ -82,7 +91,10 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
 
         np_dtype = np.float16 if dtype == "fp16" else np.float32
         layers = {name: layer.astype(np_dtype) for name, layer in qmodel.layers.items()}
-        swap_in(model, layers)
+        if nbits:
+            nbits_linear.swap_in(model, layers, quant_config.accuracy_level)
+        else:
+            swap_in(model, layers)
     model.to(torch.float16 if dtype == "fp16" else torch.float32)
     try:
         style, note = lean_graph.resolve_style(model, graph)
@@ -99,12 +111,17 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
         if style == "lean":
             lean_graph.finalize(staging / "model.onnx", model.config.vocab_size)
         summary = onnx_graph.finalize(staging / "model.onnx")
-        if summary["squeeze_matmul_nodes"] != len(layers):
-            raise ExportError(f"the graph has {summary['squeeze_matmul_nodes']} SqueezeMatMul nodes but "
-                              f"{len(layers)} layers were quantized")
+        if nbits:
+            summary["matmul_nbits_nodes"] = nbits_linear.count_nodes(staging / "model.onnx")
+        op_name, op_count = ("MatMulNBits", summary["matmul_nbits_nodes"]) if nbits else \
+            ("SqueezeMatMul", summary["squeeze_matmul_nodes"])
+        if op_count != len(layers):
+            raise ExportError(f"the graph has {op_count} {op_name} nodes but {len(layers)} layers were quantized")
         _write_side_files(model, tokenizer, staging, out_dir)
         check = _validate(staging, model, tokenizer, dtype) if validate else None
         manifest = _manifest(qmodel, dtype, summary, check, staging, time.time() - started, style)
+        if nbits:
+            manifest["op"] = nbits_linear.OP_INFO
         configs.write_json(staging / configs.MANIFEST, manifest)
         _replace(staging, out_dir)
     except BaseException:
@@ -122,6 +139,8 @@ def _load_dtype(name):
     resolved = models.resolve(name)
     if resolved == models.EMBEDDED:
         return torch.float32
+    if resolved.startswith(models.RANDOM_PREFIX):
+        return torch.float16 if resolved.endswith("-7b") else torch.float32
     try:
         c = AutoConfig.from_pretrained(resolved)
         params = 12 * c.num_hidden_layers * c.hidden_size ** 2 + 2 * c.vocab_size * c.hidden_size

@@ -1,0 +1,200 @@
+"""`sqllm-onnx quantize`: a causal LM -> a quantized checkpoint folder (model.safetensors +
+manifest.json), optionally with torch perplexity of the unquantized and the quantized model; or
+`--import-squeezellm FILE.pt` to convert an original SqueezeLLM checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from sqllm_onnx.quantize.config import LUT_DTYPES, METHODS, SUPPORTED_BITS
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0 or value > 100:
+        raise argparse.ArgumentTypeError(f"{text} is not a percentage from 0 to 100 (0.45 means 0.45 %)")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+    p.add_argument("--model", default=None, help="local folder, hub id or short name (default: smollm2-135m, "
+                   "the embedded SmolLM2-135M)")
+    p.add_argument("--out", required=True, help="checkpoint folder (created; an unfinished run in it resumes)")
+    p.add_argument("--bits", type=int, default=3, choices=SUPPORTED_BITS, help="code width")
+    p.add_argument("--sparsity", type=_percent, default=0.0,
+                   help="percent of each matrix kept sparse (0.45 = 0.45 %%: 0.05 sensitive + 0.40 outliers)")
+    p.add_argument("--sensitive", type=_percent, default=None,
+                   help="part of --sparsity (percent) taken by top-Fisher values; default 0.05 when "
+                   "sparsity >= 0.05, else all of it")
+    p.add_argument("--method", choices=METHODS, default="squeezellm",
+                   help="squeezellm: Fisher-weighted k-means; kmeans: unweighted; rtn: per-channel round-to-nearest")
+    p.add_argument("--calib-data", default=None, help="'stdlib' (default: calibration part of pydoc_data.topics), "
+                   "a text file, or hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--calib-samples", type=_positive, default=100, help="calibration windows")
+    p.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and of k-means")
+    p.add_argument("--lut-dtype", choices=LUT_DTYPES, default="float16",
+                   help="dtype of tables, sparse values and bias (float32 for CPU float32 exports)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (untied only)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype the model is loaded in for calibration")
+    p.add_argument("--fisher-cache", default=None, help="file to reuse the Fisher from (same model and "
+                   "calibration), written when absent: ablations then share one calibration pass")
+    p.add_argument("--import-squeezellm", metavar="FILE.pt", default=None,
+                   help="convert an original SqueezeLLM checkpoint (sq-*-w{3,4}-s*.pt) instead of quantizing")
+    p.add_argument("--eval", action="store_true", help="print torch perplexity of the quantized model on the "
+                   "held-out text (dequantized weights, reference.dequantize)")
+    p.add_argument("--eval-baseline", action="store_true", help="with --eval: also the unquantized model")
+    p.add_argument("--eval-windows", type=_positive, default=None, help="evaluate at most N windows")
+    p.add_argument("--eval-seq-len", type=_positive, default=512, help="tokens per evaluation window")
+    p.add_argument("--eval-data", default=None, help="evaluation text (default: held-out part of pydoc_data.topics)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _error(msg: str) -> int:
+    print(f"sqllm-onnx quantize: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _check_text_source(source: str | None, what: str) -> str | None:
+    if source is None or source == "stdlib" or source.startswith("hf:"):
+        return None
+    if not Path(source).is_file():
+        return f"{what} {source!r} is not a file (use 'stdlib', a text file, or hf:NAME[:CONFIG][:SPLIT])"
+    return None
+
+
+def main(args, command: str) -> int:
+    from sqllm_onnx.quantize.config import QuantConfig
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _error(f"--out {out} exists and is not a folder")
+    if args.eval_baseline and not args.eval:
+        return _error("--eval-baseline needs --eval")
+    for source, what in ((args.calib_data, "--calib-data"), (args.eval_data, "--eval-data")):
+        problem = _check_text_source(source, what)
+        if problem:
+            return _error(problem)
+    if args.fisher_cache and Path(args.fisher_cache).is_dir():
+        return _error(f"--fisher-cache {args.fisher_cache} is a folder; give a file name")
+    if args.import_squeezellm:
+        if not Path(args.import_squeezellm).is_file():
+            return _error(f"--import-squeezellm {args.import_squeezellm!r} is not a file")
+        return _import(args, command)
+    try:
+        config = QuantConfig(bits=args.bits, sparsity=args.sparsity, sensitive=args.sensitive, method=args.method,
+                             calib_data=args.calib_data, calib_samples=args.calib_samples,
+                             calib_seq_len=args.calib_seq_len, seed=args.seed, lut_dtype=args.lut_dtype,
+                             quantize_lm_head=args.quantize_lm_head, device=args.device)
+    except ValueError as e:
+        return _error(str(e))
+    if config.device and config.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return _error(f"--device {config.device}: torch sees no CUDA device")
+
+    import torch
+
+    from sqllm_onnx.models import load_model
+    from sqllm_onnx.quantize import apply_to_model, quantize_model
+    from sqllm_onnx.quantize.checkpoint import MANIFEST, write_atomic_json
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    windows = _eval_windows(args, tokenizer) if args.eval else None
+    results = {}
+    if args.eval_baseline:
+        results["baseline_ppl"] = _ppl(model, windows, args, "unquantized")
+    from sqllm_onnx.quantize.checkpoint import CheckpointError
+
+    t0 = time.perf_counter()
+    try:
+        qmodel = quantize_model(model, tokenizer, config, checkpoint_dir=out, progress=not args.no_progress,
+                                fisher_cache=args.fisher_cache)
+    except CheckpointError as e:
+        return _error(str(e))
+    wall = time.perf_counter() - t0
+    m = qmodel.manifest
+    m["command"] = command
+    timing = m.get("timing", {})
+    print(f"quantized {len(qmodel.layers)} layers of {m['model']['name_or_path']}: method={m['method']} "
+          f"bits={m['bits']} sparsity={m['sparsity']}% (nnz {m['totals']['nnz']}, "
+          f"{m['totals']['nnz_percent']:.3f}%), weighted error {m['totals']['weighted_error']}")
+    print(f"wall time {wall:.1f} s (Fisher {timing.get('fisher_s')} s, clustering {timing.get('clustering_s')} s, "
+          f"device {timing.get('device')}, {timing.get('resumed_layers', 0)} layers resumed) -> {out}")
+    if args.eval:
+        apply_to_model(model, qmodel)
+        results["ppl"] = _ppl(model, windows, args, "quantized")
+        if "baseline_ppl" in results:
+            results["ratio"] = results["ppl"] / results["baseline_ppl"]
+            print(f"perplexity ratio quantized/unquantized: {results['ratio']:.4f}")
+        results.update({"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]),
+                        "source": args.eval_data or "stdlib:pydoc_data.topics[eval]",
+                        "dtype": args.dtype, "backend": "torch (reference.dequantize weights)"})
+        m["evaluation"] = results
+    write_atomic_json(out / MANIFEST, m)
+    return 0
+
+
+def _eval_windows(args, tokenizer):
+    from sqllm_onnx import perplexity
+
+    return perplexity.eval_windows(tokenizer, args.eval_data, args.eval_seq_len, args.eval_windows)
+
+
+def _ppl(model, windows, args, label: str) -> float:
+    from sqllm_onnx import perplexity
+
+    ppl = perplexity.torch_perplexity(model, windows, progress=not args.no_progress)
+    print(f"perplexity ({label}, torch {args.dtype}, {windows.shape[0]} x {windows.shape[1]} tokens): {ppl:.4f}")
+    return ppl
+
+
+def _import(args, command: str) -> int:
+    from sqllm_onnx.quantize.checkpoint import CheckpointError, save_checkpoint
+    from sqllm_onnx.quantize.squeezellm_import import import_squeezellm
+
+    try:
+        qmodel = import_squeezellm(args.import_squeezellm, lut_dtype=args.lut_dtype)
+    except CheckpointError as e:
+        return _error(str(e))
+    qmodel.manifest["command"] = command
+    if args.eval:
+        import torch
+
+        from sqllm_onnx.models import load_model
+        from sqllm_onnx.quantize import apply_to_model
+
+        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+        windows = _eval_windows(args, tokenizer)
+        results = {"baseline_ppl": _ppl(model, windows, args, "unquantized")} if args.eval_baseline else {}
+        apply_to_model(model, qmodel)
+        results["ppl"] = _ppl(model, windows, args, "imported")
+        qmodel.manifest["evaluation"] = results
+    save_checkpoint(qmodel, args.out)
+    m = qmodel.manifest
+    print(f"imported {len(qmodel.layers)} layers ({m['bits']}-bit, nnz {m['totals']['nnz']} = "
+          f"{m['totals']['nnz_percent']:.3f}%) from {args.import_squeezellm} -> {args.out}")
+    print(json.dumps({"layers": len(qmodel.layers), "bits": m["bits"]}))
+    return 0

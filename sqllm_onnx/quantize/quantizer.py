@@ -1,0 +1,235 @@
+"""`quantize_model`: Fisher sensitivity on calibration text, then every linear layer through the
+dense-and-sparse split, weighted k-means and packing, with a resumable checkpoint folder.
+
+Resume: with a `checkpoint_dir`, the run writes `partial/run.json` (what is being computed),
+`partial/fisher.safetensors` once the Fisher is known, and `partial/layers/<name>.safetensors` as each
+layer finishes (each file atomically). Running the same configuration on the same model again reuses
+all of it and quantizes only the missing layers; a different configuration (or model) in the same
+folder is an error. When every layer is done, `model.safetensors` and `manifest.json` are written
+and `partial/` is removed; running again then just loads the finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+
+from sqllm_onnx.quantize import calibration, checkpoint as ckpt, fisher as fisher_mod
+from sqllm_onnx.quantize.checkpoint import CheckpointError, QuantizedModel
+from sqllm_onnx.quantize.config import QuantConfig
+from sqllm_onnx.quantize.layer import quantize_weight
+from sqllm_onnx.quantize.targets import linear_layer_names
+
+PARTIAL = "partial"
+# Algorithm choices recorded in the manifest (see kmeans.py, decompose.py and docs/results.md).
+SOLVER = "exact"
+OUTLIER_RULE = "row-iqr"
+
+
+def model_fingerprint(model, names: list[str]) -> dict:
+    """Identity of the model for resume checks: architecture, quantized shapes, and a weight checksum."""
+    import torch
+
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name in names:
+            w = model.get_submodule(name).weight.detach()
+            wd = w.double()
+            h.update(f"{name}:{list(w.shape)}:{float(wd.sum())!r}:{float((wd * wd).sum())!r};".encode())
+    cfg = getattr(model, "config", None)
+    return {"name_or_path": str(getattr(cfg, "name_or_path", "") or type(model).__name__),
+            "model_type": getattr(cfg, "model_type", None), "weights_sha256": h.hexdigest()[:32]}
+
+
+def _model_config(model) -> dict | None:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    try:
+        return json.loads(cfg.to_json_string(use_diff=False))
+    except Exception:  # pragma: no cover - exotic configs
+        return None
+
+
+def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | Path | None = None,
+                   progress: bool = True, *, fisher=None, fisher_cache: str | Path | None = None) -> QuantizedModel:
+    """Quantize every linear layer of `model` (see `linear_layer_names`) with `config`.
+
+    The model is not modified (use `apply_to_model`). `fisher` may give precomputed Fisher buffers
+    {name: tensor}; `fisher_cache` names a file that is read when it holds the Fisher of the same
+    calibration (model, text, samples, length, seed) and written otherwise, so ablations share one
+    calibration pass.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from sqllm_onnx import __version__
+
+    config.validate()
+    t_start = time.perf_counter()
+    device = config.resolved_device()
+    names = linear_layer_names(model, config.quantize_lm_head)
+    model_id = model_fingerprint(model, names)
+    run_id = {"config": config.fingerprint(), "model": model_id, "solver": SOLVER, "outlier_rule": OUTLIER_RULE}
+
+    folder = partial = None
+    if checkpoint_dir is not None:
+        folder = Path(checkpoint_dir)
+        if (folder / ckpt.MANIFEST).is_file():
+            manifest = ckpt.read_manifest(folder)
+            if manifest.get("run") != run_id:
+                raise CheckpointError(_mismatch(folder, manifest.get("run"), run_id))
+            return ckpt.load_checkpoint(folder)
+        partial = folder / PARTIAL
+        run_file = partial / "run.json"
+        if run_file.is_file():
+            try:
+                previous = json.loads(run_file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{run_file} is corrupt ({e}); delete {partial} to start over") from e
+            if previous != run_id:
+                raise CheckpointError(_mismatch(folder, previous, run_id))
+        else:
+            (partial / "layers").mkdir(parents=True, exist_ok=True)
+            ckpt.write_atomic_json(run_file, run_id)
+
+    # ---- sensitivity ------------------------------------------------------------------------------
+    calib = None
+    fisher_s = 0.0
+    F: dict = {}
+    if config.needs_fisher:
+        t0 = time.perf_counter()
+        in_partial = partial / "fisher.safetensors" if partial is not None else None
+        if fisher is not None:
+            F = dict(fisher)
+            missing = [n for n in names if n not in F]
+            if missing:
+                raise ValueError(f"the given Fisher has no buffer for {missing[:3]}")
+            _, calib = calibration_record(tokenizer, config)
+        else:
+            todo = [n for n in names if partial is None or not _layer_file(partial, n).is_file()]
+            caches = [c for c in (in_partial, fisher_cache) if c is not None]
+            F, calib = sensitivity(model, tokenizer, config, names, caches=caches, device=device,
+                                   progress=progress, compute=bool(todo), model_id=model_id)
+        if in_partial is not None and F and not in_partial.is_file():
+            fisher_mod.save_fisher(F, in_partial, _fisher_meta(model_id, calib, names))
+        fisher_s = time.perf_counter() - t0
+
+    # ---- layers -----------------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    layers, stats, resumed = {}, {}, 0
+    bar = tqdm(names, desc="clustering", unit="layer", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name, refresh=False)
+        file = _layer_file(partial, name) if partial is not None else None
+        if file is not None and file.is_file():
+            layers[name], stats[name] = _load_layer(file, name, config)
+            resumed += 1
+            continue
+        module = model.get_submodule(name)
+        layer, st = quantize_weight(module.weight, F.get(name), config, bias=module.bias, name=name,
+                                    device=device, solver=SOLVER, outlier_rule=OUTLIER_RULE)
+        layers[name], stats[name] = layer, st
+        if file is not None:
+            ckpt.save_arrays_atomic(file, ckpt.layer_arrays(name, layer),
+                                    {"stats": json.dumps(st), "bits": str(layer.bits), "K": str(layer.K)})
+        F.pop(name, None)  # free the buffer as soon as its layer is done
+    bar.close()
+    clustering_s = time.perf_counter() - t1
+
+    total = {k: sum(s[k] or 0 for s in stats.values()) for k in ("nnz", "sensitive", "outliers", "sse")}
+    numel = sum(s["N"] * s["K"] for s in stats.values())
+    werr = [s["weighted_error"] for s in stats.values()]
+    total.update({"weights": numel, "layers": len(names), "nnz_percent": 100.0 * total["nnz"] / max(numel, 1),
+                  "weighted_error": None if any(e is None for e in werr) else sum(werr)})
+    manifest = {
+        "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "sqllm_onnx_version": __version__,
+        "method": config.method, "bits": config.bits, "sparsity": config.sparsity,
+        "sensitive": config.sensitive_percent, "outliers": config.outlier_percent,
+        "lut_dtype": config.lut_dtype, "seed": config.seed, "quantize_lm_head": config.quantize_lm_head,
+        "calibration": calib,
+        "algorithm": {"kmeans": f"{SOLVER} (per output row, 2^bits entries)" if config.method != "rtn"
+                      else "rtn (uniform min..max grid per output row)",
+                      "sample_weights": "fisher" if config.method == "squeezellm" else "uniform",
+                      "sensitive": "top Fisher per matrix", "outliers": f"{OUTLIER_RULE} per matrix"},
+        "model": {**model_id, "config": _model_config(model)},
+        "run": run_id,
+        "totals": total,
+        "timing": {"device": device, "torch": torch.__version__, "machine": platform.machine(),
+                   "fisher_s": round(fisher_s, 2), "clustering_s": round(clustering_s, 2),
+                   "total_s": round(time.perf_counter() - t_start, 2), "resumed_layers": resumed},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "layers": {name: {"bits": layers[name].bits, **stats[name]} for name in names},
+    }
+    qmodel = QuantizedModel(layers=layers, manifest=manifest)
+    if folder is not None:
+        ckpt.save_checkpoint(qmodel, folder)
+        shutil.rmtree(partial, ignore_errors=True)
+    return qmodel
+
+
+def calibration_record(tokenizer, config: QuantConfig):
+    """(calibration windows, their description for manifests and Fisher files)."""
+    windows = calibration.calibration_windows(tokenizer, config.calib_data, config.calib_samples,
+                                              config.calib_seq_len, config.seed)
+    return windows, {"source": calibration.describe_source(config.calib_data), "samples": int(windows.shape[0]),
+                     "seq_len": int(windows.shape[1]), "seed": config.seed,
+                     "windows_sha256": fisher_mod.windows_digest(windows)}
+
+
+def _fisher_meta(model_id: dict, calib: dict, names: list[str]) -> dict:
+    return {"model": model_id, "calibration": calib, "layers": len(names)}
+
+
+def sensitivity(model, tokenizer, config: QuantConfig, names: list[str] | None = None, caches=(),
+                device: str | None = None, progress: bool = True, compute: bool = True, model_id=None):
+    """Fisher buffers {name: fp32 [N, K]} of the layers (default: `linear_layer_names`) for the
+    calibration of `config`, and the calibration's description. The first of `caches` (files) that
+    holds the Fisher of this model and calibration is read; otherwise it is computed (unless
+    `compute` is False: then {}) and written to the last cache file."""
+    names = names or linear_layer_names(model, config.quantize_lm_head)
+    model_id = model_id or model_fingerprint(model, names)
+    windows, calib = calibration_record(tokenizer, config)
+    meta = _fisher_meta(model_id, calib, names)
+    for cache in caches:
+        if Path(cache).is_file():
+            return fisher_mod.load_fisher(cache, meta, names), calib
+    if not compute:
+        return {}, calib
+    F = fisher_mod.compute_fisher(model, windows, names, device=device or config.resolved_device(),
+                                  progress=progress)
+    if caches and caches[-1] is not None:
+        fisher_mod.save_fisher(F, caches[-1], meta)
+    return F, calib
+
+
+def _layer_file(partial: Path, name: str) -> Path:
+    return partial / "layers" / f"{name}.safetensors"
+
+
+def _load_layer(file: Path, name: str, config: QuantConfig):
+    arrays, meta = ckpt.load_arrays(file, str(file.parent.parent))
+    try:
+        st = json.loads(meta["stats"])
+        bits, K = int(meta["bits"]), int(meta["K"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{file} lacks its metadata; delete it to quantize that layer again") from e
+    return ckpt.layer_from_arrays(name, arrays, bits, K, st.get("N"), config.lut_dtype, where=str(file)), st
+
+
+def _mismatch(folder: Path, old, new) -> str:
+    diffs = []
+    if isinstance(old, dict):
+        for part in ("config", "model"):
+            a, b = (old.get(part) or {}), (new.get(part) or {})
+            diffs += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        diffs += [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in ("solver", "outlier_rule")
+                  if old.get(k) != new.get(k)]
+    detail = "; ".join(diffs) if diffs else "unknown settings"
+    return (f"{folder} holds a quantization run with different settings ({detail}). Use another folder, "
+            "or delete this one to start over.")
