@@ -152,6 +152,11 @@ def _load_dtype(name):
 def _check_checkpoint_matches(qmodel, model) -> None:
     import torch
 
+    recorded = (qmodel.manifest.get("model") or {}).get("model_type")
+    if recorded and recorded != model.config.model_type:
+        raise ExportError(f"the quantized checkpoint was made from a {recorded!r} model, but the model to export is "
+                          f"{model.config.model_type!r}")
+
     for name, layer in qmodel.layers.items():
         try:
             module = model.get_submodule(name)
