@@ -53,11 +53,11 @@ run() {  # run NAME SECONDS CMD...  (GNU time -v for peak RSS when available)
 
 dirs=()
 base=$WORK/$tag-fp16
-export_cmd() { "$PY" -m sqllm_onnx.cli export --model "$MODEL" --dtype fp16 --overwrite "$@"; }
 for m in $METHODS; do
   case $m in
     fp16)
-      run export-fp16 240 "$PY" -c "from sqllm_onnx.export.exporter import export; export('$base', None, '$MODEL', dtype='fp16', overwrite=True, validate=False)" \
+      run export-fp16 300 "$PY" -m sqllm_onnx.cli export --model "$MODEL" --method none --dtype fp16 --overwrite \
+        --no-validate --out "$base" \
         && dirs+=("$base") ;;
     ort-rtn|ort-hqq)
       algo=${m#ort-}

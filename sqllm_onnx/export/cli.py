@@ -17,12 +17,16 @@ def add_quant_arguments(p: argparse.ArgumentParser) -> None:
                    "--method finequant: 4 or 8")
     p.add_argument("--sparsity", type=float, default=0.05, help="percent of weights kept sparse: 0.05 = 0.05%%, "
                    "0.45 = 0.45%% (paper naming)")
-    p.add_argument("--method", default="squeezellm", choices=("squeezellm", "kmeans", "rtn", "finequant"),
-                   help="squeezellm = Fisher-weighted k-means (default); kmeans and rtn for ablations; finequant = "
+    p.add_argument("--method", default="squeezellm", choices=("squeezellm", "kmeans", "rtn", "finequant", "none"),
+                   help="squeezellm = Fisher-weighted k-means (default); kmeans and rtn for ablations; none = the "
+                   "unquantized model (the baseline of every comparison); finequant = "
                    "calibration-free block-wise int4/int8 as ORT MatMulNBits nodes, block size chosen per matrix "
                    "(docs/finequant.md; --sparsity and --calib-* do not apply)")
     p.add_argument("--block-size", type=int, default=None, help="--method finequant only: one fixed block size "
                    "for every matrix (16, 32, 64, 128 or 256; plain fixed-block RTN) instead of the adaptive choice")
+    p.add_argument("--sensitive", type=float, default=None, help="percent of the weights kept sparse for their "
+                   "Fisher sensitivity, part of --sparsity (default 0.05 when --sparsity >= 0.05; 0 needs no "
+                   "calibration with --method rtn or kmeans)")
     p.add_argument("--calib-data", default=None, help="calibration text: a file, hf:NAME[:CONFIG][:SPLIT] (online), "
                    "or 'stdlib' (default: the calibration part of pydoc_data.topics)")
     p.add_argument("--calib-samples", type=int, default=100, help="calibration windows (paper: 100)")
@@ -32,6 +36,9 @@ def add_quant_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def quant_config_from(args, dtype: str):
+    """The quantization config the arguments ask for (None for --method none)."""
+    if args.method == "none":
+        return None
     block_size = getattr(args, "block_size", None)
     if args.method == "finequant":
         from sqllm_onnx.finequant import BLOCK_SIZES, FineQuantConfig
@@ -44,15 +51,23 @@ def quant_config_from(args, dtype: str):
                                scale_dtype="float16" if dtype == "fp16" else "float32")
     if block_size is not None:
         raise SystemExit("--block-size applies to --method finequant only")
-    from sqllm_onnx.quantize import QuantConfig
-
     if args.bits not in (2, 3, 4, 8):
         raise SystemExit(f"--bits must be 2, 3, 4 or 8 (got {args.bits})")
     if not args.sparsity >= 0:
         raise SystemExit(f"--sparsity must be >= 0 percent (got {args.sparsity})")
     if args.calib_samples < 1 or args.calib_seq_len < 2:
         raise SystemExit("--calib-samples must be >= 1 and --calib-seq-len >= 2")
-    return QuantConfig(bits=args.bits, sparsity=args.sparsity, method=args.method, calib_data=args.calib_data,
+    try:
+        return _squeezellm_config(args, dtype)
+    except ValueError as e:  # QuantConfig validates combinations (e.g. --sensitive above --sparsity)
+        raise SystemExit(f"invalid quantization options: {e}")
+
+
+def _squeezellm_config(args, dtype: str):
+    from sqllm_onnx.quantize import QuantConfig
+
+    return QuantConfig(bits=args.bits, sparsity=args.sparsity, sensitive=args.sensitive, method=args.method,
+                       calib_data=args.calib_data,
                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
                        lut_dtype="float16" if dtype == "fp16" else "float32",
                        quantize_lm_head=args.quantize_lm_head)
