@@ -9,7 +9,9 @@
 # library built for the GPU (SQLLM_OPS_LIBRARY, default build/gpu/libsqllm_ops.so from
 # benchmarks/gpu_kernels.sh). Writes under $OUT: e2e.log, e2e_bench.json/.md, e2e_ppl.json, and
 # the export logs with peak RSS (GNU time) per export.
-# METHODS: which variants to export (default: all). Each step has a time limit so the script ends
+# RESERVE_S / EXPORT_CAP_S: seconds kept for the benchmark / allowed per export (7B: ~200 / 420).
+# METHODS: which variants to export (default: all). CKPT: a folder of checkpoints named like the
+# variants (benchmarks/gpu_quality.sh's $WORK): those variants are exported from them. Each step has a time limit so the script ends
 # before BUDGET_S.
 set -u -o pipefail
 START=$(date +%s)
@@ -29,6 +31,8 @@ LOG=$OUT/e2e.log
 tag=$(echo "$MODEL" | tr ':/' '--')
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( BUDGET_S - $(elapsed) )); }
+# seconds for the next export: at most EXPORT_CAP_S, keeping RESERVE_S for the benchmark after them
+export_limit() { local l=$(( $(left) - ${RESERVE_S:-0} )); (( l > ${EXPORT_CAP_S:-300} )) && l=${EXPORT_CAP_S:-300}; echo $l; }
 run() {  # run NAME SECONDS CMD...  (GNU time -v for peak RSS when available)
   local name=$1 secs=$2; shift 2
   (( secs > $(left) )) && secs=$(left)
@@ -56,20 +60,25 @@ base=$WORK/$tag-fp16
 for m in $METHODS; do
   case $m in
     fp16)
-      run export-fp16 300 "$PY" -m sqllm_onnx.cli export --model "$MODEL" --method none --dtype fp16 --overwrite \
+      run export-fp16 "$(export_limit)" "$PY" -m sqllm_onnx.cli export --model "$MODEL" --method none --dtype fp16 --overwrite \
         --no-validate --out "$base" \
         && dirs+=("$base") ;;
     ort-rtn|ort-hqq)
       algo=${m#ort-}
       rm -rf "$WORK/$tag-ort-$algo"
-      [ -d "$base" ] && run "export-ort-$algo" 300 "$PY" -c "from sqllm_onnx.bench.ort_int4 import quantize_ort_int4; quantize_ort_int4('$base', '$WORK/$tag-ort-$algo', '$algo')" \
+      [ -d "$base" ] && run "export-ort-$algo" "$(export_limit)" "$PY" -c "from sqllm_onnx.bench.ort_int4 import quantize_ort_int4; quantize_ort_int4('$base', '$WORK/$tag-ort-$algo', '$algo')" \
         && dirs+=("$WORK/$tag-ort-$algo") ;;
     sq*)
       bits=${m:2:1}; sp=${m:4}; sparsity=$([ "$sp" = 45 ] && echo 0.45 || echo 0)
       extra=()
       [ "$QMETHOD" != squeezellm ] && extra+=(--method "$QMETHOD" --no-validate)
       [ "$QMETHOD" != squeezellm ] && [ "$sparsity" != 0 ] && extra+=(--sensitive 0)
-      run "export-$m" 300 "$PY" -m sqllm_onnx.cli export --model "$MODEL" --dtype fp16 --overwrite --bits "$bits" --sparsity "$sparsity" $CALIB "${extra[@]}" --out "$WORK/$tag-$m" \
+      if [ -n "${CKPT:-}" ] && [ -f "$CKPT/$m/manifest.json" ]; then  # quantized already (gpu_quality.sh)
+        src=(--from-checkpoint "$CKPT/$m")
+      else
+        src=(--bits "$bits" --sparsity "$sparsity" $CALIB "${extra[@]}")
+      fi
+      run "export-$m" "$(export_limit)" "$PY" -m sqllm_onnx.cli export --model "$MODEL" --dtype fp16 --overwrite "${src[@]}" --out "$WORK/$tag-$m" \
         && dirs+=("$WORK/$tag-$m") ;;
   esac
 done

@@ -19,6 +19,7 @@ SQLLM_TEST_REDUCED=1 selects a small parametrization, for compute-sanitizer runs
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -269,6 +270,123 @@ def test_tuning_switches():
                        timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert " passed" in r.stdout
+
+
+# ---- every tensor-core decode variant, through the kernel-only hook ----------------------------------
+
+def _decode_hook():
+    """The library's decode hooks (ops/cuda/bench_hook.cc), or None for a build without them."""
+    try:
+        lib = ctypes.CDLL(sqllm_onnx.get_library_path())
+        fn = lib.SqllmCudaLaunchDecodeVariant
+    except (OSError, FileNotFoundError, AttributeError):
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    fn.argtypes = [p] * 8 + [i64] * 5 + [i32, p, i32]
+    fn.restype = ctypes.c_char_p
+    lib.SqllmCudaDecodeVariantName.argtypes = [i32]
+    lib.SqllmCudaDecodeVariantName.restype = ctypes.c_char_p
+    lib.SqllmCudaSynchronize.argtypes = []
+    lib.SqllmCudaSynchronize.restype = ctypes.c_char_p
+    return lib
+
+
+def _decode_variants() -> list[str]:
+    lib = _decode_hook()
+    names = []
+    while lib is not None and (name := lib.SqllmCudaDecodeVariantName(len(names))) is not None:
+        names.append(name.decode())
+    return names
+
+
+DECODE_VARIANTS = _decode_variants()
+FOUR_BIT_ONLY = ("dual", "pair")  # variants that decline 3 bits (ops/cuda/decode_pipe.cu)
+
+# (K, N, rows of A, misaligned buffers, sparse): K tails (4160: 64 codes, 4173: 77 codes and narrower
+# qweight loads), 43 k-tiles (11008), many row tiles per CTA (N = 30000: 1875 tiles, balanced split,
+# both table/partial buffers reused), K < 256 (everything in the K tail), qweight / A / LUT / CSR values
+# at odd offsets (4-byte qweight loads, A staged without cp.async, LUT rows read 2 bytes at a time, CSR
+# value words at the ends of the array read directly), no sparse part and no bias.
+VARIANT_CASES = pick([(4160, 40, (1, 3, 8), False, True), (4173, 33, (2, 5), False, True),
+                      (11008, 48, (1, 4), False, True), (600, 30000, (1, 8), False, True),
+                      (4096, 40, (1, 6), True, True), (200, 24, (2,), False, True), (1100, 70, (7,), False, False)],
+                     [(4173, 33, (2,), False, True), (600, 30000, (1,), False, True), (4096, 40, (6,), True, True)])
+_variant_layers: dict = {}
+
+
+def _variant_layer(bits, K, N, sparse):
+    """The layer of a case, its dequantized W and |W| (float64), shared by the variants."""
+    key = (bits, K, N, sparse)
+    if key not in _variant_layers:
+        rng = np.random.default_rng(K * 31 + N + bits)
+        layer = random_layer(rng, K, N, bits, sparse=sparse, bias=sparse, density=0.0045).astype(np.float16)
+        W = ref.dequantize(layer.qweight, layer.lut.astype(np.float32), K, bits, layer.sparse_indptr,
+                           layer.sparse_indices, None if layer.sparse_values is None else
+                           layer.sparse_values.astype(np.float32)).astype(np.float64)
+        Wabs = np.abs(ref.dequantize(layer.qweight, layer.lut.astype(np.float32), K, bits, layer.sparse_indptr,
+                                     layer.sparse_indices, None if layer.sparse_values is None else
+                                     np.abs(layer.sparse_values.astype(np.float32)))).astype(np.float64)
+        _variant_layers[key] = (layer, W, Wabs)  # ~0.6 GB for all cases: built once, not per variant
+    return _variant_layers[key]
+
+
+def _on_device(arr, offset_elems=0):
+    """An OrtValue on the GPU holding `arr` after `offset_elems` leading elements, and the pointer."""
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    host = np.zeros(flat.size + offset_elems, flat.dtype)
+    host[offset_elems:] = flat
+    value = ort.OrtValue.ortvalue_from_numpy(host, "cuda", 0)
+    return value, value.data_ptr() + offset_elems * flat.dtype.itemsize
+
+
+def _run_variant(lib, variant, layer, A, misaligned):
+    M, K = A.shape
+    off = 1 if misaligned else 0
+    keep, ptrs = [], {}
+    for name, arr, o in (("a", A, off), ("q", layer.qweight, off), ("lut", layer.lut, off),
+                         ("indptr", layer.sparse_indptr, 0), ("indices", layer.sparse_indices, 0),
+                         ("values", layer.sparse_values, off), ("bias", layer.bias, 0)):
+        if arr is None:
+            ptrs[name] = None
+            continue
+        value, ptrs[name] = _on_device(arr, o)
+        keep.append(value)
+    y = ort.OrtValue.ortvalue_from_shape_and_type((M, layer.N), np.float16, "cuda", 0)
+    nnz = 0 if layer.sparse_indices is None else len(layer.sparse_indices)
+    err = lib.SqllmCudaLaunchDecodeVariant(ptrs["a"], ptrs["q"], ptrs["lut"], ptrs["indptr"], ptrs["indices"],
+                                           ptrs["values"], ptrs["bias"], y.data_ptr(), M, K, layer.N, layer.bits,
+                                           nnz, 1, None, DECODE_VARIANTS.index(variant))
+    sync = lib.SqllmCudaSynchronize()
+    assert sync is None, sync.decode()
+    return (None, err.decode()) if err is not None else (y.numpy(), None)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
+def test_decode_variant(variant, bits):
+    """Each decode variant (kernels.h DecodeVariant, forced through SqllmCudaLaunchDecodeVariant)
+    against the reference: fp16, sparse + bias, the cases of VARIANT_CASES. A variant may decline a
+    problem only where it is documented to (dual and pair: 3 bits)."""
+    lib = _decode_hook()
+    ran = 0
+    for K, N, rows, misaligned, sparse in VARIANT_CASES:
+        layer, W, Wabs = _variant_layer(bits, K, N, sparse)
+        rng = np.random.default_rng(K + N + len(variant))
+        for M in rows:
+            A = rng.standard_normal((M, K)).astype(np.float16)
+            y, err = _run_variant(lib, variant, layer, A, misaligned)
+            if err is not None:
+                assert variant in FOUR_BIT_ONLY and bits == 3 and "does not take" in err, err
+                continue
+            A64 = A.astype(np.float64)
+            bias = 0 if layer.bias is None else layer.bias.astype(np.float64)
+            expected = A64 @ W.T + bias
+            scale = np.abs(A64) @ Wabs.T + np.abs(bias)
+            err_abs = np.abs(y.astype(np.float64) - expected)
+            assert np.all(err_abs <= 1e-3 * scale + 1e-6), \
+                f"{variant} bits={bits} K={K} N={N} M={M}: max error {err_abs.max():.3g}, max scale {scale.max():.3g}"
+            ran += 1
+    assert ran > 0 or (variant in FOUR_BIT_ONLY and bits == 3)
 
 
 # ---- CUDA graphs -------------------------------------------------------------------------------------

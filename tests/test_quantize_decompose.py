@@ -119,3 +119,26 @@ def test_sparse_codes_are_stored_in_row_major_csr():
     for n in range(layer.N):
         cols = layer.sparse_indices[layer.sparse_indptr[n]:layer.sparse_indptr[n + 1]]
         assert np.all(np.diff(cols) > 0)
+
+
+@pytest.mark.parametrize("rule", ["magnitude", "row-iqr", "error"])
+def test_every_outlier_rule_keeps_the_counts_and_lowers_the_error(rule):
+    W, F = _matrix(6)
+    dense = quantize_weight(W, F, QuantConfig(bits=3), name="w")[1]["weighted_error"]
+    layer, stats = quantize_weight(W, F, QuantConfig(bits=3, sparsity=1.0, outlier_rule=rule), name="w")
+    assert stats["nnz"] == layer.nnz == decompose.count_for(1.0, W.numel())
+    assert stats["sensitive"] == decompose.count_for(0.05, W.numel())
+    assert stats["weighted_error"] < dense
+
+
+def test_config_rejects_unknown_choices():
+    with pytest.raises(ValueError, match="outlier_rule"):
+        QuantConfig(outlier_rule="biggest")
+    with pytest.raises(ValueError, match="kmeans_solver"):
+        QuantConfig(kmeans_solver="sklearn")
+    with pytest.raises(ValueError, match="bits"):
+        QuantConfig(bits=5)
+    with pytest.raises(ValueError, match="percentage"):
+        QuantConfig(sparsity=-1)
+    with pytest.raises(ValueError, match="cannot exceed"):
+        QuantConfig(sparsity=0.1, sensitive=0.2)

@@ -56,6 +56,10 @@ std::string CudaKernel::Init(const OrtKernelInfo* info) {
   const OrtValue* value = nullptr;
   if (TakeMessage(api.KernelInfoGetConstantInput_tensor(info, kQWeight, &is_constant, &value)).empty())
     qweight_constant_ = is_constant != 0 && value != nullptr;
+  is_constant = 0;
+  value = nullptr;
+  if (TakeMessage(api.KernelInfoGetConstantInput_tensor(info, kLut, &is_constant, &value)).empty())
+    lut_constant_ = is_constant != 0 && value != nullptr;
 
   // The device: the one of the EP's allocator (which the prefill scratch comes from).
   if (!TakeMessage(api.KernelInfoGetAllocator(info, OrtMemTypeDefault, &allocator_)).empty()) allocator_ = nullptr;
@@ -104,6 +108,7 @@ std::string CudaKernel::Run(OrtKernelContext* context, const Problem& p, const I
   if (cuda::UsesDecodePath(p)) {
     cuda::LaunchOptions options;
     options.qweight_constant = qweight_constant_;
+    options.lut_constant = lut_constant_;
     return cuda::LaunchDecode(p, args, stream, options);
   }
 

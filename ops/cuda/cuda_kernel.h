@@ -13,8 +13,8 @@ class CudaKernel : public KernelBase {
  public:
   ~CudaKernel() override;
   // Called by SqueezeMatMulOp::CreateKernelV2 (on the Kernel type, so it hides KernelBase::Init):
-  // the common checks, then the device allocator for prefill scratch buffers, whether qweight is
-  // constant, and the shared cuBLAS handle of the device (created here, never inside Compute).
+  // the common checks, then the device allocator for prefill scratch buffers, whether qweight and
+  // the LUT are constant, and the shared cuBLAS handle of the device (created here, never inside Compute).
   std::string Init(const OrtKernelInfo* info);
 
  protected:
@@ -26,6 +26,7 @@ class CudaKernel : public KernelBase {
   OrtAllocator* allocator_ = nullptr;  // the EP's default (device) allocator
   int device_ = 0;
   bool qweight_constant_ = false;
+  bool lut_constant_ = false;
   void* cublas_ = nullptr;  // shared per device, not owned
   std::string cublas_error_;
 };

@@ -66,8 +66,22 @@ std::string LaunchDecode(const Problem& p, const DeviceArgs& args, cudaStream_t 
     d.a = static_cast<const char*>(args.a) + m0 * p.K * esize;
     d.y = static_cast<char*>(args.y) + m0 * p.N * esize;
     bool launched = false;
-    if (auto err = LaunchDecodeMma(chunk, d, stream, pdl, options.qweight_constant, dev, &launched); !err.empty())
-      return err;
+    // The chosen tensor-core variant, else (its shared memory does not fit, or 4-bit only) "pipe",
+    // else "base"; a variant forced by the caller has no fallback.
+    const int chosen = options.variant >= 0 ? options.variant : ChooseDecodeVariant(chunk);
+    for (int variant : {chosen, static_cast<int>(kDecodePipe), static_cast<int>(kDecodeBase)}) {
+      if (launched || (variant != chosen && options.variant >= 0)) break;
+      if (auto err = LaunchDecodeVariant(variant, chunk, d, stream, pdl, options.qweight_constant,
+                                         options.lut_constant, dev, &launched);
+          !err.empty())
+        return err;
+    }
+    if (!launched && options.variant >= 0) {
+      const char* name = DecodeVariantName(options.variant);
+      return std::string("SqueezeMatMul (CUDA): decode variant ") + (name ? name : "?") + " does not take M = " +
+             std::to_string(chunk.M) + ", K = " + std::to_string(p.K) + ", N = " + std::to_string(p.N) +
+             ", bits = " + std::to_string(p.bits);
+    }
     if (!launched)
       if (auto err = LaunchDecodeGeneric(chunk, d, stream, dev); !err.empty()) return err;
   }

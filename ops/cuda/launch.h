@@ -32,9 +32,14 @@ struct DeviceArgs {
 };
 
 struct LaunchOptions {
-  // qweight is constant for the lifetime of the kernel (an initializer): with PDL the decode
-  // kernel may then start streaming it before the previous kernel on the stream has finished.
+  // qweight / the LUT are constant for the lifetime of the kernel (initializers): with PDL the
+  // decode kernel may then start reading them before the previous kernel on the stream finished.
   bool qweight_constant = false;
+  bool lut_constant = false;
+  // Tensor-core decode variant (kernels.h DecodeVariant): -1 = the policy (decode_policy.cc) with
+  // fallbacks; >= 0 = exactly that variant, and an error if it cannot take the problem (for the
+  // benchmark hook's sweeps and tests).
+  int variant = -1;
 };
 
 // Whether `p` takes the decode path (else the prefill path).

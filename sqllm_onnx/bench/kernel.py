@@ -155,7 +155,7 @@ def time_session(model: bytes, provider: str, M: int, K: int, N: int, ops: int, 
 # ---- the command -----------------------------------------------------------------------------------
 
 def run_benchmark(provider: str, shapes, methods, M: int, ops: int, repeats: int, threads: int,
-                  kernel_only: bool, progress=print) -> dict:
+                  kernel_only: bool, progress=print, graph_modes=None) -> dict:
     dtype = np.float16 if provider == "cuda" else np.float32
     results = {"provider": provider, "M": M, "ops": ops, "dtype": np.dtype(dtype).name, "repeats": repeats,
                "date": datetime.date.today().isoformat(), "host": platform.node(),
@@ -164,7 +164,7 @@ def run_benchmark(provider: str, shapes, methods, M: int, ops: int, repeats: int
         from sqllm_onnx.bench import cuda_events
         results["device"] = cuda_events.device_name()
         results["copy_gbps"] = cuda_events.copy_bandwidth_gbps()
-        graph_modes = (False, True)
+        graph_modes = (False, True) if graph_modes is None else tuple(graph_modes)
     else:
         results["device"] = platform.processor() or platform.machine()
         graph_modes = (False,)
@@ -238,12 +238,17 @@ def add_arguments(p) -> None:
                    ort.get_available_providers() else "cpu")
     p.add_argument("--shapes", default=None, help="comma-separated KxN list (default: the four Llama-7B shapes; "
                    "on CPU 4096x4096,4096x11008)")
-    p.add_argument("--methods", default=None, help="comma-separated substrings selecting methods (default: all)")
+    p.add_argument("--methods", default=None, help="comma-separated keys selecting methods (default: all): a key "
+                   "equal to a method's name (case-insensitive) selects that method only, any other key every method "
+                   "whose name contains it")
     p.add_argument("--m", type=int, default=1, help="rows of A (1 = batch-1 decoding)")
     p.add_argument("--ops", type=int, default=16, help="ops with distinct weights per graph")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0 = ORT default)")
     p.add_argument("--no-kernel-only", action="store_true", help="skip the CUDA-event kernel timing")
+    p.add_argument("--graph-modes", choices=("both", "graph", "plain"), default="both",
+                   help="CUDA: time sessions with ORT CUDA graphs, without, or both (each mode is one more session "
+                   "per row; at large M the launch overhead is negligible and one mode suffices)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--markdown", type=Path, help="write a markdown table here")
 
@@ -263,12 +268,15 @@ def main(args, command: str) -> int:
     methods = default_methods()
     if args.methods:
         keys = [k.strip().lower() for k in args.methods.split(",")]
-        methods = [m for m in methods if any(k in m.name.lower() for k in keys)]
+        names = {m.name.lower() for m in methods}
+        methods = [m for m in methods
+                   if any(k == m.name.lower() or (k not in names and k in m.name.lower()) for k in keys)]
         if not methods:
             raise SystemExit(f"--methods {args.methods!r} selects none of: {[m.name for m in default_methods()]}")
     repeats = args.repeats or (50 if args.provider == "cuda" else 10)
+    graph_modes = {"both": (False, True), "graph": (True,), "plain": (False,)}[args.graph_modes]
     results = run_benchmark(args.provider, shapes, methods, args.m, args.ops, repeats, args.threads,
-                            not args.no_kernel_only)
+                            not args.no_kernel_only, graph_modes=graph_modes)
     md = to_markdown(results, command)
     print(md)
     if args.json:

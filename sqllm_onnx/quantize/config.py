@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 
 METHODS = ("squeezellm", "kmeans", "rtn")
+KMEANS_SOLVERS = ("exact", "lloyd")
+OUTLIER_RULES = ("magnitude", "row-iqr", "error")
 LUT_DTYPES = ("float16", "float32")
 SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_SENSITIVE = 0.05  # percent of the weights taken by the top-Fisher values (the paper's split)
@@ -24,6 +26,10 @@ class QuantConfig:
       (per-channel round-to-nearest on a uniform grid, written as a LUT).
     - ``calib_data``: None or "stdlib" (the calibration part of pydoc_data.topics), a text file, or
       "hf:NAME[:CONFIG][:SPLIT]".
+    - ``kmeans_solver`` (ablation): "exact" (the optimal weighted 1-D k-means, default) or "lloyd".
+    - ``outlier_rule`` (ablation): how outliers are picked, see `decompose`: "magnitude" (largest |w|
+      of the matrix, as SqueezeLLM; default), "row-iqr" (furthest outside their row's interquartile
+      range) or "error" (largest Fisher-weighted error of a first dense fit).
     """
 
     bits: int = 3
@@ -37,6 +43,8 @@ class QuantConfig:
     lut_dtype: str = "float16"
     quantize_lm_head: bool = False
     device: str | None = None
+    kmeans_solver: str = "exact"
+    outlier_rule: str = "magnitude"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -55,6 +63,10 @@ class QuantConfig:
             if self.sensitive > self.sparsity:
                 raise ValueError(f"sensitive ({self.sensitive} %) cannot exceed sparsity ({self.sparsity} %): "
                                  "the sensitive values are part of the sparse values")
+        if self.kmeans_solver not in KMEANS_SOLVERS:
+            raise ValueError(f"kmeans_solver must be one of {', '.join(KMEANS_SOLVERS)} (got {self.kmeans_solver!r})")
+        if self.outlier_rule not in OUTLIER_RULES:
+            raise ValueError(f"outlier_rule must be one of {', '.join(OUTLIER_RULES)} (got {self.outlier_rule!r})")
         if self.lut_dtype not in LUT_DTYPES:
             raise ValueError(f"lut_dtype must be one of {', '.join(LUT_DTYPES)} (got {self.lut_dtype!r})")
         for name in ("calib_samples", "calib_seq_len"):
@@ -107,6 +119,10 @@ class QuantConfig:
         if not self.needs_fisher:  # calibration does not influence the result
             for k in ("calib_data", "calib_samples", "calib_seq_len"):
                 d[k] = None
+        if self.method == "rtn":
+            d["kmeans_solver"] = None
+        if self.sparsity == 0 or self.outlier_percent == 0:
+            d["outlier_rule"] = None
         return d
 
     def resolved_device(self) -> str:

@@ -3,11 +3,13 @@
 A sparsity level (percent of each matrix) is split into
 - sensitive values: the largest Fisher entries of the matrix (SqueezeLLM's sensitivity-based
   sparsity), and
-- outliers: the values that lie furthest outside the bulk of their own output row. Per row the bulk
-  is the interquartile range [q1, q3]; a value's score is its distance beyond it in units of the
-  row's IQR, and the largest scores of the matrix are taken. (The original code thresholds |w| with
-  one IQR-derived range per matrix; a per-row scale finds the values that actually stretch that
-  row's lookup table -- see docs/results.md for the comparison.)
+- outliers, by one of three rules (`QuantConfig.outlier_rule`):
+  "magnitude" (default): the largest |w| of the matrix, as SqueezeLLM's per-matrix threshold;
+  "row-iqr": the values furthest outside their own row's interquartile range [q1, q3], in units of
+  that row's IQR (a per-row notion of "outside the bulk");
+  "error" (decided in layer.py): the largest Fisher-weighted errors of a first dense fit.
+  docs/results.md compares them: on SmolLM2 they are within 2 % of each other in perplexity, with
+  "row-iqr" last at both 3 and 4 bits.
 
 The removed values get zero weight in clustering and are stored as CSR entries with
 value = w - lut[code], so dense + sparse gives back w at those positions.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-OUTLIER_RULES = ("row-iqr", "magnitude", "error")  # "error" is decided in layer.py (needs a first clustering)
+OUTLIER_RULES = ("magnitude", "row-iqr")  # plus "error", decided in layer.py (needs a first fit)
 
 
 def count_for(percent: float, numel: int) -> int:
@@ -49,7 +51,7 @@ def _row_quantiles(W: torch.Tensor, ps) -> list[torch.Tensor]:
     return out
 
 
-def outlier_scores(W: torch.Tensor, rule: str = "row-iqr") -> torch.Tensor:
+def outlier_scores(W: torch.Tensor, rule: str = "magnitude") -> torch.Tensor:
     """How far each value lies outside the bulk of the matrix (larger = more of an outlier)."""
     W = W.double()
     if rule == "magnitude":
@@ -65,7 +67,7 @@ def outlier_scores(W: torch.Tensor, rule: str = "row-iqr") -> torch.Tensor:
 
 
 def select_sparse(W: torch.Tensor, fisher: torch.Tensor | None, n_sensitive: int, n_outliers: int,
-                  rule: str = "row-iqr") -> tuple[torch.Tensor, torch.Tensor]:
+                  rule: str = "magnitude") -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks (sensitive, outliers) of the weights kept in the sparse part; disjoint."""
     if n_sensitive > 0 and fisher is None:
         raise ValueError("sensitive values need the Fisher sensitivity")

@@ -37,14 +37,14 @@ def fit_tables(W: torch.Tensor, weights: torch.Tensor | None, bits: int, method:
 
 
 def quantize_weight(W: torch.Tensor, fisher: torch.Tensor | None, config: QuantConfig, *, bias=None,
-                    name: str = "", device: str | torch.device = "cpu", solver: str = "exact",
-                    outlier_rule: str = "row-iqr") -> tuple[PackedLinear, dict]:
+                    name: str = "", device: str | torch.device = "cpu") -> tuple[PackedLinear, dict]:
     """Quantize one [N, K] weight (an nn.Linear's orientation) into a PackedLinear plus statistics.
 
     `fisher` (same shape, >= 0) weights the k-means of "squeezellm" and ranks the sensitive values;
     it may be None when the config needs no Fisher.
     """
     start = time.perf_counter()
+    solver, outlier_rule = config.kmeans_solver, config.outlier_rule
     if W.ndim != 2:
         raise ValueError(f"{name or 'weight'}: expected a 2-D weight, got shape {tuple(W.shape)}")
     T = config.torch_lut_dtype

@@ -26,9 +26,6 @@ from sqllm_onnx.quantize.layer import quantize_weight
 from sqllm_onnx.quantize.targets import linear_layer_names
 
 PARTIAL = "partial"
-# Algorithm choices recorded in the manifest (see kmeans.py, decompose.py and docs/results.md).
-SOLVER = "exact"
-OUTLIER_RULE = "row-iqr"
 
 
 def model_fingerprint(model, names: list[str]) -> dict:
@@ -75,7 +72,7 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
     device = config.resolved_device()
     names = linear_layer_names(model, config.quantize_lm_head)
     model_id = model_fingerprint(model, names)
-    run_id = {"config": config.fingerprint(), "model": model_id, "solver": SOLVER, "outlier_rule": OUTLIER_RULE}
+    run_id = {"config": config.fingerprint(), "model": model_id}
 
     folder = partial = None
     if checkpoint_dir is not None:
@@ -132,8 +129,7 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
             resumed += 1
             continue
         module = model.get_submodule(name)
-        layer, st = quantize_weight(module.weight, F.get(name), config, bias=module.bias, name=name,
-                                    device=device, solver=SOLVER, outlier_rule=OUTLIER_RULE)
+        layer, st = quantize_weight(module.weight, F.get(name), config, bias=module.bias, name=name, device=device)
         layers[name], stats[name] = layer, st
         if file is not None:
             ckpt.save_arrays_atomic(file, ckpt.layer_arrays(name, layer),
@@ -153,10 +149,11 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
         "sensitive": config.sensitive_percent, "outliers": config.outlier_percent,
         "lut_dtype": config.lut_dtype, "seed": config.seed, "quantize_lm_head": config.quantize_lm_head,
         "calibration": calib,
-        "algorithm": {"kmeans": f"{SOLVER} (per output row, 2^bits entries)" if config.method != "rtn"
-                      else "rtn (uniform min..max grid per output row)",
+        "algorithm": {"clustering": f"{config.kmeans_solver} weighted k-means per output row"
+                      if config.method != "rtn" else "uniform min..max grid per output row",
                       "sample_weights": "fisher" if config.method == "squeezellm" else "uniform",
-                      "sensitive": "top Fisher per matrix", "outliers": f"{OUTLIER_RULE} per matrix"},
+                      "sensitive": "top Fisher per matrix", "outliers": f"{config.outlier_rule} per matrix",
+                      "native_kmeans": _native_used(config, device)},
         "model": {**model_id, "config": _model_config(model)},
         "run": run_id,
         "totals": total,
@@ -208,6 +205,17 @@ def sensitivity(model, tokenizer, config: QuantConfig, names: list[str] | None =
     return F, calib
 
 
+def _native_used(config: QuantConfig, device: str) -> bool:
+    if config.method == "rtn" or config.kmeans_solver != "exact":
+        return False
+    import os
+
+    from sqllm_onnx.quantize import kmeans1d_native
+
+    on_cpu = device == "cpu" or os.environ.get("SQLLM_ONNX_NATIVE_KMEANS") == "1"
+    return bool(on_cpu and kmeans1d_native.available())
+
+
 def _layer_file(partial: Path, name: str) -> Path:
     return partial / "layers" / f"{name}.safetensors"
 
@@ -228,8 +236,6 @@ def _mismatch(folder: Path, old, new) -> str:
         for part in ("config", "model"):
             a, b = (old.get(part) or {}), (new.get(part) or {})
             diffs += [f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        diffs += [f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in ("solver", "outlier_rule")
-                  if old.get(k) != new.get(k)]
     detail = "; ".join(diffs) if diffs else "unknown settings"
     return (f"{folder} holds a quantization run with different settings ({detail}). Use another folder, "
             "or delete this one to start over.")

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The rows of docs/results.md "Quantizer quality" measured on the 2-core CPU machine (no GPU), and the
+# CPU quantization wall time: `sqllm-onnx quantize --eval` (torch float32, all held-out windows),
+# sequentially (one job at a time, so that the wall times mean something). The first run computes the
+# Fisher (100 x 512 tokens) from scratch; the 0.05 % run at 4 bits reuses it through --fisher-cache.
+#   bash benchmarks/cpu_quality.sh [WORK]      (default WORK=/tmp/sqllm-cpu-quality)
+# Each run leaves WORK/NAME/manifest.json (with "evaluation" and "timing") and WORK/NAME.log;
+# `python3 benchmarks/quantize_table.py WORK` prints the table (after copying manifests as below).
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-/tmp/sqllm-cpu-quality}
+PY=${PYTHON:-.venv/bin/python}
+CONFIGS=${CONFIGS:-"sq3s5 rtn3 rtn4 km3 sq4s5"}
+mkdir -p "$WORK"
+F=$WORK/fisher-smollm2-stdlib-100x512.safetensors
+args_for() {
+  case $1 in
+    sq3s5) echo --bits 3 --sparsity 0.05 --fisher-cache "$F" ;; sq4s5) echo --bits 4 --sparsity 0.05 --fisher-cache "$F" ;;
+    rtn3) echo --bits 3 --method rtn ;; rtn4) echo --bits 4 --method rtn ;;
+    km3) echo --bits 3 --method kmeans ;; km4) echo --bits 4 --method kmeans ;;
+  esac
+}
+for name in $CONFIGS; do
+  { date -u +"# %Y-%m-%dT%H:%M:%SZ"; uptime; echo "+ sqllm-onnx quantize --device cpu $(args_for "$name") --eval"; } > "$WORK/$name.log"
+  rm -rf "${WORK:?}/$name"
+  /usr/bin/time -v "$PY" -m sqllm_onnx.cli quantize --no-progress --device cpu $(args_for "$name") --eval \
+    --out "$WORK/$name" >> "$WORK/$name.log" 2>&1
+  echo "$name: rc $?"; grep -E "^(perplexity|wall time)|Elapsed|Maximum resident" "$WORK/$name.log"
+  [ -f "$WORK/$name/manifest.json" ] && cp "$WORK/$name/manifest.json" "$WORK/manifest-$name.json"
+done
