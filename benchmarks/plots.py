@@ -15,8 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-BITS = {"fp16": 16.0, "MatMulNBits 4b g128": 4.125 + 0.125, "3b 0%": 3.19, "3b 0.45%": 3.45, "4b 0%": 4.375,
-        "4b 0.45%": 4.64}  # bits/weight of the projections as stored (fp16 scales or LUTs included)
+BITS = {"fp16": 16.0, "MatMulNBits 4b g128": 4.16, "3b 0%": 3.19, "3b 0.45%": 3.45, "4b 0%": 4.375,
+        "4b 0.45%": 4.64}  # bits/weight of the projections as stored: benchmarks/quantize_table.py for SqueezeLLM,
+# 4 + 16/128 (fp16 scale) + 4/128 (zero point) for MatMulNBits g128
 
 
 def bits_of(label: str) -> float:

@@ -150,6 +150,16 @@ def test_mismatched_manifest_is_a_clear_error(tmp_path, checkpoint):
         load_checkpoint(bad)
 
 
+def test_top_level_bits_disagreeing_with_a_layer_is_a_clear_error(tmp_path, checkpoint):
+    bad = _copy(checkpoint, tmp_path / "bad")
+    manifest = bad / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["bits"] = 4  # every layer (and its tensors) is 3-bit
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="top level says 4"):
+        load_checkpoint(bad)
+
+
 def test_checkpoint_of_another_model_is_refused_before_writing(tmp_path, checkpoint):
     other = tmp_path / "other"
     m, t = models.random_model("qwen2")

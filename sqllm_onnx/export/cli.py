@@ -32,6 +32,9 @@ def add_quant_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-samples", type=int, default=100, help="calibration windows (paper: 100)")
     p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration window (paper: 512)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kmeans-solver", choices=("exact", "lloyd"), default="exact",
+                   help="exact: optimal weighted 1-D k-means per row (default); lloyd: seeded Lloyd iterations, "
+                   "faster on a CPU; its error is never below the exact one's")
     p.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept fp16 by default)")
 
 
@@ -70,7 +73,8 @@ def _squeezellm_config(args, dtype: str):
                        calib_data=args.calib_data,
                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, seed=args.seed,
                        lut_dtype="float16" if dtype == "fp16" else "float32",
-                       quantize_lm_head=args.quantize_lm_head)
+                       quantize_lm_head=args.quantize_lm_head,
+                       kmeans_solver=getattr(args, "kmeans_solver", "exact"))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -215,6 +215,9 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> QuantizedMode
             bits, K, N = int(meta["bits"]), int(meta["K"]), int(meta["N"])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path}: manifest entry of layer {name!r} lacks bits/K/N") from e
+        if manifest.get("bits") is not None and bits != int(manifest["bits"]):
+            raise CheckpointError(f"{path}: layer {name!r} says {bits} bits but the manifest's top level says "
+                                  f"{manifest['bits']}: the manifest was edited or belongs to another checkpoint")
         layers[name] = layer_from_arrays(name, arrays, bits, K, N, manifest.get("lut_dtype"), where=str(path))
     known = {f"{n}.{a}" for n in layers for a in ARRAYS}
     stray = sorted(set(arrays) - known)
