@@ -2,7 +2,9 @@
 # The rows of docs/results.md "Quantizer quality" measured on the 2-core CPU machine (no GPU), and the
 # CPU quantization wall time: `sqllm-onnx quantize --eval` (torch float32, all held-out windows),
 # sequentially (one job at a time, so that the wall times mean something). The first run computes the
-# Fisher (100 x 512 tokens) from scratch; the 0.05 % run at 4 bits reuses it through --fisher-cache.
+# Fisher (100 x 512 tokens) from scratch; the other SqueezeLLM runs reuse it through --fisher-cache.
+# The held-out text is Python's own pydoc_data.topics, which differs between Python versions: compare
+# rows of one machine (this VM: Python 3.11, 95 windows; the GPU machine: Python 3.12, 99 windows).
 #   bash benchmarks/cpu_quality.sh [WORK]      (default WORK=/tmp/sqllm-cpu-quality)
 # Each run leaves WORK/NAME/manifest.json (with "evaluation" and "timing") and WORK/NAME.log;
 # `python3 benchmarks/quantize_table.py WORK` prints the table (after copying manifests as below).
@@ -10,12 +12,15 @@ set -u -o pipefail
 cd "$(dirname "$0")/.."
 WORK=${1:-/tmp/sqllm-cpu-quality}
 PY=${PYTHON:-.venv/bin/python}
-CONFIGS=${CONFIGS:-"sq3s5 rtn3 rtn4 km3 sq4s5"}
+CONFIGS=${CONFIGS:-"sq3s5 rtn3 rtn4 km3 sq4s5 sq3s45 sq3s0 sq4s0 sq4s45"}
 mkdir -p "$WORK"
 F=$WORK/fisher-smollm2-stdlib-100x512.safetensors
 args_for() {
   case $1 in
+    sq3s0) echo --bits 3 --sparsity 0 --fisher-cache "$F" ;; sq4s0) echo --bits 4 --sparsity 0 --fisher-cache "$F" ;;
     sq3s5) echo --bits 3 --sparsity 0.05 --fisher-cache "$F" ;; sq4s5) echo --bits 4 --sparsity 0.05 --fisher-cache "$F" ;;
+    sq3s45) echo --bits 3 --sparsity 0.45 --fisher-cache "$F" --eval-baseline ;;
+    sq4s45) echo --bits 4 --sparsity 0.45 --fisher-cache "$F" ;;
     rtn3) echo --bits 3 --method rtn ;; rtn4) echo --bits 4 --method rtn ;;
     km3) echo --bits 3 --method kmeans ;; km4) echo --bits 4 --method kmeans ;;
   esac
