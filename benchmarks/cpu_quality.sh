@@ -15,20 +15,11 @@ PY=${PYTHON:-.venv/bin/python}
 CONFIGS=${CONFIGS:-"sq3s5 rtn3 rtn4 km3 sq4s5 sq3s45 sq3s0 sq4s0 sq4s45"}
 mkdir -p "$WORK"
 F=$WORK/fisher-smollm2-stdlib-100x512.safetensors
-args_for() {
-  case $1 in
-    sq3s0) echo --bits 3 --sparsity 0 --fisher-cache "$F" ;; sq4s0) echo --bits 4 --sparsity 0 --fisher-cache "$F" ;;
-    sq3s5) echo --bits 3 --sparsity 0.05 --fisher-cache "$F" ;; sq4s5) echo --bits 4 --sparsity 0.05 --fisher-cache "$F" ;;
-    sq3s45) echo --bits 3 --sparsity 0.45 --fisher-cache "$F" --eval-baseline ;;
-    sq4s45) echo --bits 4 --sparsity 0.45 --fisher-cache "$F" ;;
-    rtn3) echo --bits 3 --method rtn ;; rtn4) echo --bits 4 --method rtn ;;
-    km3) echo --bits 3 --method kmeans ;; km4) echo --bits 4 --method kmeans ;;
-  esac
-}
+. benchmarks/quality_variants.sh  # (run from the repository root)
 for name in $CONFIGS; do
-  { date -u +"# %Y-%m-%dT%H:%M:%SZ"; uptime; echo "+ sqllm-onnx quantize --device cpu $(args_for "$name") --eval"; } > "$WORK/$name.log"
+  { date -u +"# %Y-%m-%dT%H:%M:%SZ"; uptime; echo "+ sqllm-onnx quantize --device cpu $(quantize_args "$name") $(quantize_extra "$name" "$F") --eval"; } > "$WORK/$name.log"
   rm -rf "${WORK:?}/$name"
-  /usr/bin/time -v "$PY" -m sqllm_onnx.cli quantize --no-progress --device cpu $(args_for "$name") --eval \
+  /usr/bin/time -v "$PY" -m sqllm_onnx.cli quantize --no-progress --device cpu $(quantize_args "$name") $(quantize_extra "$name" "$F") --eval \
     --out "$WORK/$name" >> "$WORK/$name.log" 2>&1
   echo "$name: rc $?"; grep -E "^(perplexity|wall time)|Elapsed|Maximum resident" "$WORK/$name.log"
   [ -f "$WORK/$name/manifest.json" ] && cp "$WORK/$name/manifest.json" "$WORK/manifest-$name.json"

@@ -27,6 +27,7 @@ EVAL_WINDOWS=${EVAL_WINDOWS:-95}
 export SQLLM_OPS_LIBRARY=${SQLLM_OPS_LIBRARY:-$PWD/build/gpu/libsqllm_ops.so}
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 mkdir -p "$OUT" "$WORK"
+. benchmarks/quality_variants.sh  # variant names -> quantize arguments (run from the repository root)
 LOG=$OUT/e2e.log
 tag=$(echo "$MODEL" | tr ':/' '--')
 elapsed() { echo $(( $(date +%s) - START )); }
@@ -69,14 +70,14 @@ for m in $METHODS; do
       [ -d "$base" ] && run "export-ort-$algo" "$(export_limit)" "$PY" -c "from sqllm_onnx.bench.ort_int4 import quantize_ort_int4; quantize_ort_int4('$base', '$WORK/$tag-ort-$algo', '$algo')" \
         && dirs+=("$WORK/$tag-ort-$algo") ;;
     sq*)
-      bits=${m:2:1}; sp=${m:4}; sparsity=$([ "$sp" = 45 ] && echo 0.45 || echo 0)
+      qargs=($(quantize_args "$m")) || continue  # --bits B --sparsity S
       extra=()
       [ "$QMETHOD" != squeezellm ] && extra+=(--method "$QMETHOD" --no-validate)
-      [ "$QMETHOD" != squeezellm ] && [ "$sparsity" != 0 ] && extra+=(--sensitive 0)
+      [ "$QMETHOD" != squeezellm ] && [ "${qargs[3]}" != 0 ] && extra+=(--sensitive 0)
       if [ -n "${CKPT:-}" ] && [ -f "$CKPT/$m/manifest.json" ]; then  # quantized already (gpu_quality.sh)
         src=(--from-checkpoint "$CKPT/$m")
       else
-        src=(--bits "$bits" --sparsity "$sparsity" $CALIB "${extra[@]}")
+        src=("${qargs[@]}" $CALIB "${extra[@]}")
       fi
       run "export-$m" "$(export_limit)" "$PY" -m sqllm_onnx.cli export --model "$MODEL" --dtype fp16 --overwrite "${src[@]}" --out "$WORK/$tag-$m" \
         && dirs+=("$WORK/$tag-$m") ;;

@@ -36,14 +36,7 @@ elapsed() { echo $(( $(date +%s) - START )); }
   echo "cpus $(nproc)"
 } 2>&1 | tee -a "$LOG"
 
-args_for() {  # the quantize arguments of a variant name
-  case $1 in
-    sq3s0) echo --bits 3 --sparsity 0 ;;  sq3s5) echo --bits 3 --sparsity 0.05 ;;  sq3s45) echo --bits 3 --sparsity 0.45 ;;
-    sq4s0) echo --bits 4 --sparsity 0 ;;  sq4s5) echo --bits 4 --sparsity 0.05 ;;  sq4s45) echo --bits 4 --sparsity 0.45 ;;
-    rtn3) echo --bits 3 --method rtn ;;   rtn4) echo --bits 4 --method rtn ;;
-    km3) echo --bits 3 --method kmeans ;; km4) echo --bits 4 --method kmeans ;;
-  esac
-}
+. benchmarks/quality_variants.sh  # (run from the repository root)
 ort_check() {  # NAME: float32 export from the checkpoint, then ORT CPU perplexity (background job)
   local name=$1
   timeout -k 10 $(( BUDGET_S - $(elapsed) - 5 )) bash -c "
@@ -57,12 +50,10 @@ ort_check() {  # NAME: float32 export from the checkpoint, then ORT CPU perplexi
 for name in $CONFIGS; do
   left=$(( BUDGET_S - $(elapsed) - 20 ))
   if (( left < 30 )); then echo "== $name: skipped (budget)" | tee -a "$LOG"; continue; fi
-  extra=(--eval)
-  [ "$name" = sq3s45 ] && extra+=(--eval-baseline)
-  [[ $name == sq* ]] && extra+=(--fisher-cache "$F")
+  extra=(--eval $(quantize_extra "$name" "$F"))
   rm -rf "$WORK/$name"
-  echo "== $name: sqllm-onnx quantize $(args_for "$name") ${extra[*]} (limit ${left}s, at $(elapsed)s)" | tee -a "$LOG"
-  timeout -k 10 "$left" /usr/bin/time -v "$PY" -m sqllm_onnx.cli quantize --no-progress $(args_for "$name") "${extra[@]}" \
+  echo "== $name: sqllm-onnx quantize $(quantize_args "$name") ${extra[*]} (limit ${left}s, at $(elapsed)s)" | tee -a "$LOG"
+  timeout -k 10 "$left" /usr/bin/time -v "$PY" -m sqllm_onnx.cli quantize --no-progress $(quantize_args "$name") "${extra[@]}" \
     --out "$WORK/$name" > "$WORK/$name.log" 2>&1
   rc=$?
   grep -E "^(perplexity|wall time|quantized)|Maximum resident|Elapsed \(wall" "$WORK/$name.log" | sed 's/^\s*/   /' | tee -a "$LOG"

@@ -26,11 +26,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0)
 
 
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the ONNX graph and its weights (model.onnx plus external data, if any)."""
-    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
-
-
 def fp16_weight_bytes(folder: Path) -> int:
     """Bytes of the model's initializers if every float32 one were float16: what the same model takes
     as an fp16 export. The demo exports the quantized model in fp32 (faster on a CPU), so its file
@@ -48,6 +43,7 @@ def fp16_weight_bytes(folder: Path) -> int:
 
 
 def main(args, command: str) -> int:
+    from sqllm_onnx.bench.decode import weight_bytes
     from sqllm_onnx.export.cli import quant_config_from
     from sqllm_onnx.export.exporter import export
     from sqllm_onnx.perplexity import eval_windows
@@ -70,7 +66,7 @@ def main(args, command: str) -> int:
     for label, folder, provider in (("fp16 (unquantized)", baseline, "cpu"),
                                     (f"SqueezeLLM {args.bits}-bit, {args.sparsity:g}% sparse", quantized, "cpu")):
         ppl = ort_perplexity(folder, windows, provider, args.threads, progress=True)
-        rows.append((label, ppl, folder_bytes(folder), fp16_weight_bytes(folder)))
+        rows.append((label, ppl, weight_bytes(folder), fp16_weight_bytes(folder)))
     text, ms = generate_text(quantized, args.prompt, args.max_new_tokens, threads=args.threads)
 
     print(f"\nSample from the quantized model ({ms:.0f} ms/token on this CPU):\n  {args.prompt}{text}\n")
