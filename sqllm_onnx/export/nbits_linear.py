@@ -75,16 +75,9 @@ class NBitsLinear(nn.Module):
 
 def swap_in(model: nn.Module, layers: dict[str, NBitsLayer], accuracy_level: int = 0) -> None:
     """Replace each named nn.Linear of `model` by an NBitsLinear, freeing its weight."""
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        if not isinstance(old, nn.Linear):
-            raise TypeError(f"{name} is a {type(old).__name__}, not an nn.Linear")
-        if (old.out_features, old.in_features) != (layer.N, layer.K):
-            raise ValueError(f"{name}: the quantized layer is [{layer.N}, {layer.K}] but the model's layer is "
-                             f"[{old.out_features}, {old.in_features}]")
-        setattr(parent, child, NBitsLinear(layer, accuracy_level))
+    from sqllm_onnx.export import squeeze_linear
+
+    squeeze_linear.swap_in(model, layers, lambda layer: NBitsLinear(layer, accuracy_level))
 
 
 def count_nodes(model_path) -> int:

@@ -89,8 +89,10 @@ class SqueezeLinear(nn.Module):
         return f"K={self.K}, N={self.N}, bits={self.bits}, nnz={nnz}, bias={self.bias is not None}"
 
 
-def swap_in(model: nn.Module, layers: dict[str, PackedLinear]) -> None:
-    """Replace each named nn.Linear of `model` by a SqueezeLinear, freeing its weight."""
+def swap_in(model: nn.Module, layers: dict, module_for=None) -> None:
+    """Replace each named nn.Linear of `model` by `module_for(layer)` (default: a SqueezeLinear of a
+    PackedLinear; nbits_linear passes its MatMulNBits module), freeing its weight. `layer` needs .N, .K."""
+    module_for = module_for or SqueezeLinear
     for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -98,6 +100,6 @@ def swap_in(model: nn.Module, layers: dict[str, PackedLinear]) -> None:
         if not isinstance(old, nn.Linear):
             raise TypeError(f"{name} is a {type(old).__name__}, not an nn.Linear")
         if (old.out_features, old.in_features) != (layer.N, layer.K):
-            raise ValueError(f"{name}: the checkpoint has [{layer.N}, {layer.K}] but the model's layer is "
+            raise ValueError(f"{name}: the quantized layer is [{layer.N}, {layer.K}] but the model's layer is "
                              f"[{old.out_features}, {old.in_features}]")
-        setattr(parent, child, SqueezeLinear(layer))
+        setattr(parent, child, module_for(layer))
