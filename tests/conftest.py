@@ -66,3 +66,32 @@ def assert_matches_reference(y: np.ndarray, expected: np.ndarray, A: np.ndarray,
     eps = 1e-5 if y.dtype == np.float32 else 1e-3
     err = np.abs(y.astype(np.float64) - expected.astype(np.float64))
     assert np.all(err <= eps * scale + 1e-6), f"max error {err.max():.3g}, max scale {scale.max():.3g}"
+
+
+def lazy_exports(root, cases: dict, config_for, seed: int = 0):
+    """name -> export folder of a tiny random model, made on first use under `root`.
+    cases: name -> (architecture, dtype, quantized); config_for(name) is the QuantConfig of a quantized
+    case. Each export is checked to hold SqueezeMatMul nodes exactly when it is quantized."""
+    import onnx
+
+    from sqllm_onnx import models
+    from sqllm_onnx.export.exporter import export
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            arch, dtype, quantized = cases[name]
+            model_dir = root / f"{arch}-model"
+            if not model_dir.exists():
+                model, tokenizer = models.random_model(arch, seed=seed)
+                model.save_pretrained(model_dir)
+                tokenizer.save_pretrained(model_dir)
+            out = export(root / name, config_for(name) if quantized else None, str(model_dir), dtype=dtype,
+                         progress=False, log=lambda *a: None)
+            squeeze = sum(n.op_type == "SqueezeMatMul" for n in onnx.load(str(out / "model.onnx")).graph.node)
+            assert (squeeze > 0) == quantized, f"{name}: {squeeze} SqueezeMatMul nodes"
+            made[name] = out
+        return made[name]
+
+    return get

@@ -17,12 +17,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
+from conftest import lazy_exports
 
-from sqllm_onnx import models
 from sqllm_onnx.export import configs
-from sqllm_onnx.export.exporter import export
 from sqllm_onnx.runtime.session import Decoder, greedy_generate, open_session
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install '.[genai]')")
@@ -46,30 +44,10 @@ def quant_config(bits: int):
     return QuantConfig(bits=bits, sparsity=0.45, lut_dtype="float32", calib_samples=4, calib_seq_len=32)
 
 
-def export_case(root: Path, name: str, arch: str, dtype: str, quantized: bool) -> Path:
-    model_dir = root / f"{arch}-model"
-    if not model_dir.exists():
-        model, tokenizer = models.random_model(arch, seed=1)
-        model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-    config = quant_config(4 if name.endswith("q4") else 3) if quantized else None
-    out = export(root / name, config, str(model_dir), dtype=dtype, progress=False, log=lambda *a: None)
-    squeeze = sum(n.op_type == "SqueezeMatMul" for n in onnx.load(str(out / "model.onnx")).graph.node)
-    assert (squeeze > 0) == quantized, f"{name}: {squeeze} SqueezeMatMul nodes"
-    return out
-
-
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory):
-    root = tmp_path_factory.mktemp("genai")
-    made = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = export_case(root, name, *CASES[name])
-        return made[name]
-
-    return get
+    return lazy_exports(tmp_path_factory.mktemp("genai"), CASES,
+                        lambda name: quant_config(4 if name.endswith("q4") else 3), seed=1)
 
 
 def genai_tokens(model_dir: Path, max_new_tokens: int = NEW_TOKENS) -> list[int]:

@@ -18,12 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import onnx
 import pytest
+from conftest import lazy_exports
 
-from sqllm_onnx import models
 from sqllm_onnx.export import configs
-from sqllm_onnx.export.exporter import export
 from sqllm_onnx.runtime.session import Decoder, greedy_generate, open_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,19 +45,6 @@ def quant_config():
     except ImportError as e:
         pytest.fail(f"a quantized export needs sqllm_onnx.quantize.QuantConfig, which is not importable yet ({e})")
     return QuantConfig(bits=3, sparsity=0.45, lut_dtype="float32", calib_samples=4, calib_seq_len=32)
-
-
-def export_case(root: Path, name: str, arch: str, dtype: str, quantized: bool) -> Path:
-    model_dir = root / f"{arch}-model"
-    if not model_dir.exists():
-        model, tokenizer = models.random_model(arch, seed=0)
-        model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-    out = export(root / name, quant_config() if quantized else None, str(model_dir), dtype=dtype,
-                 progress=False, log=lambda *a: None)
-    squeeze = sum(n.op_type == "SqueezeMatMul" for n in onnx.load(str(out / "model.onnx")).graph.node)
-    assert (squeeze > 0) == quantized, f"{name}: {squeeze} SqueezeMatMul nodes"
-    return out
 
 
 def _ort_include_dir() -> str | None:
@@ -95,17 +80,9 @@ def generate_binary() -> Path:
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict:
+def exports(tmp_path_factory):
     """name -> export folder, made on first use."""
-    root = tmp_path_factory.mktemp("runtime-cpp")
-    made = {}
-
-    def get(name: str) -> Path:
-        if name not in made:
-            made[name] = export_case(root, name, *CASES[name])
-        return made[name]
-
-    return get
+    return lazy_exports(tmp_path_factory.mktemp("runtime-cpp"), CASES, lambda name: quant_config())
 
 
 def run_generate(binary: Path, model_dir: Path, *args, check: bool = True, env=None):
