@@ -12,7 +12,9 @@
 # RESERVE_S / EXPORT_CAP_S: seconds kept for the benchmark / allowed per export (7B: ~200 / 420).
 # METHODS: which variants to export (default: all). CKPT: a folder of checkpoints named like the
 # variants (benchmarks/gpu_quality.sh's $WORK): those variants are exported from them. Each step has a time limit so the script ends
-# before BUDGET_S.
+# before BUDGET_S. REUSE=1: a variant whose finished export is already in $WORK (a manifest there) is
+# benchmarked as it is, not exported again (7B: export in one device call, benchmark in the next).
+# BENCH=0: export only. BENCH_S: the benchmark's time limit (default 240 s).
 set -u -o pipefail
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-570}
@@ -58,7 +60,15 @@ run() {  # run NAME SECONDS CMD...  (GNU time -v for peak RSS when available)
 
 dirs=()
 base=$WORK/$tag-fp16
+reusable() {  # reusable DIR: REUSE=1 and DIR holds a finished export
+  [ "${REUSE:-0}" = 1 ] && [ -f "$1/sqllm_manifest.json" ] && { echo "== reusing $1" | tee -a "$LOG"; dirs+=("$1"); }
+}
 for m in $METHODS; do
+  case $m in
+    fp16) reusable "$base" && continue ;;
+    ort-*) reusable "$WORK/$tag-$m" && continue ;;
+    sq*) reusable "$WORK/$tag-$m" && continue ;;
+  esac
   case $m in
     fp16)
       run export-fp16 "$(export_limit)" "$PY" -m sqllm_onnx.cli export --model "$MODEL" --method none --dtype fp16 --overwrite \
@@ -86,8 +96,8 @@ done
 echo "exported: ${dirs[*]}" | tee -a "$LOG"
 du -sh "${dirs[@]}" 2>/dev/null | tee -a "$LOG"
 
-if [ ${#dirs[@]} -gt 0 ]; then
-  run bench 240 "$PY" -m sqllm_onnx.cli bench "${dirs[@]}" --provider cuda --prompt-len 128 --new-tokens 128 --repeats 2 \
+if [ ${#dirs[@]} -gt 0 ] && [ "${BENCH:-1}" = 1 ]; then
+  run bench "${BENCH_S:-240}" "$PY" -m sqllm_onnx.cli bench "${dirs[@]}" --provider cuda --prompt-len 128 --new-tokens 128 --repeats 2 \
     --json "$OUT/e2e_bench_$tag.json" --markdown "$OUT/e2e_bench_$tag.md"
   cat "$OUT/e2e_bench_$tag.md" 2>/dev/null | tee -a "$LOG"
   if [[ "$MODEL" != random:* ]]; then

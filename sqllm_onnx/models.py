@@ -129,12 +129,43 @@ def random_model(arch: str, preset: str = "tiny", seed: int = 0, dtype=None):
     """(model, tokenizer) with random weights; the tokenizer is a word-level one built offline."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
 
     config = random_config(arch, preset)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    # The modules' own initialisers would each pass over every weight (twice: torch's kaiming, then
+    # HF's normal); for a 7B model that was most of a minute. fill_random passes once, at copy speed.
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    fill_random(model, seed, std=float(getattr(config, "initializer_range", 0.02)))
     model.eval()
     return model, simple_tokenizer(config.vocab_size)
+
+
+RANDOM_POOL = 16_777_259  # a prime: weight rows (any width) never line up with the pool's period
+
+
+def fill_random(model, seed: int, std: float = 0.02) -> None:
+    """Matrices (linear layers, embeddings) from N(0, std) -- windows at random offsets into one
+    seeded pool of normal values, copied; vectors: norm weights 1, biases 0 (HF's initialisation)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        pool = None
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                if pool is None or pool.dtype != p.dtype:
+                    pool = (torch.randn(RANDOM_POOL, generator=generator) * std).to(p.dtype)
+                flat, done = p.view(-1), 0
+                start = int(torch.randint(0, pool.numel(), (1,), generator=generator))
+                while done < flat.numel():
+                    take = min(flat.numel() - done, pool.numel() - start)
+                    flat[done:done + take].copy_(pool[start:start + take])
+                    done, start = done + take, 0
 
 
 def simple_tokenizer(vocab_size: int):

@@ -244,6 +244,10 @@ def test_export_folder_and_manifest(exported, arch):
         assert 0 < stats["rel_error"] < 0.2
     assert manifest["validation"]["max_abs_diff"] <= 1e-3 * manifest["validation"]["logit_scale"]
     assert manifest["graph_style"] == ("plain" if arch == "opt" else "lean")
+    from sqllm_onnx.bench.decode import describe  # the benchmark table's row label
+
+    blocks = ", ".join(f"{n}x{b}" for b, n in q["block_size_histogram"].items())
+    assert describe(export_dir) == f"FineQuant int4 (blocks {blocks})"
 
 
 def test_fp16_export_validates(model_dirs, tmp_path):
@@ -291,6 +295,9 @@ def test_cli_export_fixed_block(model_dirs, capsys, tmp_path):
     manifest = json.loads((out / configs.MANIFEST).read_text())
     assert manifest["quantization"]["block_size"] == 32
     assert manifest["quantization"]["block_size_histogram"] == {"32": len(manifest["quantization"]["layers"])}
+    from sqllm_onnx.bench.decode import describe
+
+    assert describe(out) == "RTN int8 block 32 (MatMulNBits)"
 
 
 # ---- mixture of experts ----------------------------------------------------------------------------------

@@ -36,6 +36,11 @@ def describe(model_dir: Path) -> str:
             return f"{data.get('dtype', '?')} (unquantized)"
         if str(q.get("method", "")).startswith("ort-"):
             return f"ORT MatMulNBits {q['bits']}b g{q['block_size']} {q['method'].split('-')[-1].upper()}"
+        if q.get("method") == "finequant":  # MatMulNBits too, block sizes chosen per matrix (or one fixed)
+            if q.get("block_size") == "adaptive":
+                blocks = ", ".join(f"{n}x{b}" for b, n in (q.get("block_size_histogram") or {}).items())
+                return f"FineQuant int{q.get('bits')} (blocks {blocks})"
+            return f"RTN int{q.get('bits')} block {q.get('block_size')} (MatMulNBits)"
         return f"SqueezeLLM {q.get('bits')}b {q.get('sparsity', 0):g}% ({q.get('method')})"
     return Path(model_dir).name
 

@@ -5,7 +5,9 @@ input and output names, dynamic axes, model patching) after every quantized `nn.
 replaced by a `SqueezeLinear`, whose symbolic function writes one SqueezeMatMul node.
 
 Memory: the model is loaded once; each quantized layer's full-precision weight is freed as its
-packed replacement goes in, so two full-precision copies never coexist.
+packed replacement goes in, so two full-precision copies never coexist; the layers left unquantized
+are stored transposed so that torch's constant folding makes no copy of them, and the weights pass
+through the export once (big_weights.py).
 Atomicity: everything is written into a hidden sibling folder that is renamed to the output folder
 only when complete; on failure it is removed (a killed process leaves only that hidden folder,
 which the next run clears). Quantization results are cached per layer beside it, so a rerun after
@@ -24,7 +26,7 @@ import numpy as np
 
 import sqllm_onnx
 from sqllm_onnx import models
-from sqllm_onnx.export import configs, lean_graph, onnx_graph
+from sqllm_onnx.export import big_weights, configs, lean_graph, onnx_graph
 
 TASK = "text-generation-with-past"
 DTYPES = ("fp16", "fp32")
@@ -96,6 +98,7 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
         else:
             swap_in(model, layers)
     model.to(torch.float16 if dtype == "fp16" else torch.float32)
+    big_weights.pretranspose_linears(model)  # the layers left unquantized (see big_weights.py)
     try:
         style, note = lean_graph.resolve_style(model, graph)
     except lean_graph.LeanGraphUnsupported as e:
@@ -186,11 +189,12 @@ def _optimum_export(model, folder: Path, dtype: str) -> None:
     name_or_path = model.config._name_or_path
     model.config._name_or_path = str(folder)
     try:
-        with torch.no_grad(), _quiet_export_warnings():
+        with torch.no_grad(), _quiet_export_warnings(), big_weights.lean_weight_traffic():
             export_models(models_and_configs, output_dir=folder, opset=max(onnx_config.DEFAULT_ONNX_OPSET, MIN_OPSET),
                           output_names=["model.onnx"], disable_dynamic_axes_fix=True, dtype=dtype)
     finally:
         model.config._name_or_path = name_or_path
+    big_weights.merge_external_data(folder / "model.onnx")  # models over 2 GB: one model.onnx_data
 
 
 @contextlib.contextmanager
