@@ -3,7 +3,7 @@
     python benchmarks/plots.py [DATA_DIR] [OUT_DIR]      (needs the `plots` extra: matplotlib)
 
 - ms_per_token_vs_bits.png: batch-1 decode ms/token (`sqllm-onnx bench`) against bits per weight of the
-  quantized projections, one point per exported variant.
+  quantized projections, one point per exported variant: SmolLM2-135M, and the 7B-shaped llama (both runs).
 - ppl_vs_bytes.png: perplexity on the held-out stdlib text against the size of the weights (MB): ORT CUDA
   (fp16 exports, `sqllm-onnx eval`) where measured, and torch float32 with the same dequantized weights
   (`sqllm-onnx quantize --eval`) for the quantizer's table.
@@ -29,6 +29,21 @@ def bits_of(label: str) -> float:
     raise KeyError(label)
 
 
+LLAMA_7B_PROJECTION_WEIGHTS = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+
+
+def projection_bits_7b(results: list[dict]) -> list[float]:
+    """Bits per projection weight of each row of a 7B-shaped run, from its bytes: the rest (embedding,
+    lm_head and norms, fp16 in every export) is the fp16 row's bytes less 2 per projection weight."""
+    fp16 = next(r for r in results if "unquantized" in r["label"])
+    rest = fp16["weight_bytes"] - 2 * LLAMA_7B_PROJECTION_WEIGHTS
+    return [(r["weight_bytes"] - rest) * 8 / LLAMA_7B_PROJECTION_WEIGHTS for r in results]
+
+
+def short(label: str) -> str:
+    return label.replace(" (squeezellm)", "").replace(" (rtn)", "").replace("SqueezeLLM ", "SqLLM ")
+
+
 def main() -> None:
     import matplotlib
 
@@ -41,15 +56,34 @@ def main() -> None:
     ppl = {Path(r["model_dir"]).name: r["perplexity"] for r in
            json.loads((data / "e2e_ppl_smollm2-135m.json").read_text())}
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax7) = plt.subplots(1, 2, figsize=(11, 4))
     for r in bench["results"]:
         ax.scatter(bits_of(r["label"]), r["ms_per_token"], s=40)
-        ax.annotate(r["label"].replace(" (squeezellm)", ""), (bits_of(r["label"]), r["ms_per_token"]), fontsize=7,
+        ax.annotate(short(r["label"]), (bits_of(r["label"]), r["ms_per_token"]), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("bits per weight (quantized projections)")
     ax.set_ylabel("decode ms/token (batch 1)")
     ax.set_title(f"SmolLM2-135M, {bench['device']}, ORT CUDA EP", fontsize=9)
     ax.set_ylim(bottom=0)
+    for name, marker in (("e2e_bench_random-llama-7b_run1.json", "o"), ("e2e_bench_random-llama-7b.json", "x")):
+        if not (data / name).exists():
+            continue
+        results = json.loads((data / name).read_text())["results"]
+        for i, (r, bits) in enumerate(zip(results, projection_bits_7b(results))):
+            ax7.scatter(bits, r["ms_per_token"], s=40, marker=marker, color="tab:blue" if marker == "o" else "tab:red")
+            if marker == "o" and bits > 8:
+                ax7.annotate(short(r["label"]), (bits, r["ms_per_token"]), fontsize=7, xytext=(-60, -12),
+                             textcoords="offset points")
+            elif marker == "o":  # the quantized points sit close together: labels in a column, with leaders
+                ax7.annotate(short(r["label"]), (bits, r["ms_per_token"]), fontsize=7, xytext=(7.0, 4.6 - 0.45 * i),
+                             textcoords="data", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"})
+    ax7.scatter([], [], marker="o", color="tab:blue", label="run 1")
+    ax7.scatter([], [], marker="x", color="tab:red", label="run 2 (another machine of the same kind)")
+    ax7.legend(fontsize=7)
+    ax7.set_xlabel("bits per weight (quantized projections)")
+    ax7.set_ylabel("decode ms/token (batch 1)")
+    ax7.set_title("7B-shaped llama (random weights), same device and harness", fontsize=9)
+    ax7.set_ylim(bottom=0)
     fig.tight_layout()
     fig.savefig(out / "ms_per_token_vs_bits.png", dpi=120)
 
@@ -59,7 +93,7 @@ def main() -> None:
         if name in ppl:
             mb = r["weight_bytes"] / 1e6
             ax.scatter(mb, ppl[name], s=40, color="tab:blue")
-            ax.annotate(r["label"].replace(" (squeezellm)", ""), (mb, ppl[name]), fontsize=7, xytext=(4, 3),
+            ax.annotate(short(r["label"]), (mb, ppl[name]), fontsize=7, xytext=(4, 3),
                         textcoords="offset points")
     quality = data / "quantizer_quality.json"
     if quality.exists():

@@ -61,61 +61,76 @@ class _GpuMemory:
         return None if self._nvml is None else int(self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used)
 
 
-def bench_one(model_dir: Path, provider: str, prompt_len: int, new_tokens: int, repeats: int, seed: int = 0) -> dict:
-    import onnxruntime as ort
+class DeviceDecoder:
+    """Runs one exported decoder step by step with the KV cache kept where the provider computes (the
+    GPU for cuda): each step binds the previous step's present.* buffers as past_key_values.*."""
 
-    memory = _GpuMemory() if provider == "cuda" else None
-    before = memory.used() if memory else None
-    session = open_session(model_dir, provider)
-    inputs = {i.name: i for i in session.get_inputs()}
-    past = [n for n in inputs if n.startswith("past_key_values.")]
-    kv_type = np.float16 if past and "float16" in inputs[past[0]].type else np.float32
-    vocab = session.get_outputs()[0].shape[-1]
-    vocab = vocab if isinstance(vocab, int) else 32000
-    rng = np.random.default_rng(seed)
-    device = "cuda" if provider == "cuda" else "cpu"
+    def __init__(self, session, provider: str):
+        import onnxruntime as ort
 
-    def empty_past():
+        self.session, self._ort = session, ort
+        self.inputs = {i.name: i for i in session.get_inputs()}
+        self.past = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.presents = [name.replace("past_key_values.", "present.") for name in self.past]
+        self.kv_type = np.float16 if self.past and "float16" in self.inputs[self.past[0]].type else np.float32
+        vocab = session.get_outputs()[0].shape[-1]
+        self.vocab = vocab if isinstance(vocab, int) else 32000
+        self.device = "cuda" if provider == "cuda" else "cpu"
+
+    def empty_past(self) -> dict:
         values = {}
-        for name in past:
-            shape = [1 if d == "batch_size" else (0 if isinstance(d, str) or d is None else d) for d in inputs[name].shape]
-            values[name] = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, kv_type), device, 0)
+        for name in self.past:
+            shape = [1 if d == "batch_size" else (0 if isinstance(d, str) or d is None else d)
+                     for d in self.inputs[name].shape]
+            values[name] = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_type), self.device, 0)
         return values
 
-    def run(ids: np.ndarray, cache: dict, length: int):
+    def run(self, ids: np.ndarray, cache: dict, length: int):
         """One decoder run; returns (last-position logits on the host, new cache on the device)."""
-        binding = session.io_binding()
+        ort, binding = self._ort, self.session.io_binding()
         n = ids.shape[1]
         feeds = {"input_ids": ids, "attention_mask": np.ones((1, length + n), np.int64),
                  "position_ids": np.arange(length, length + n, dtype=np.int64)[None]}
         for name, value in feeds.items():
-            if name in inputs:
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, device, 0))
+            if name in self.inputs:
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, 0))
         for name, value in cache.items():
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", device)
-        presents = [name.replace("past_key_values.", "present.") for name in past]
-        for name in presents:
-            binding.bind_output(name, device)
-        session.run_with_iobinding(binding)
+        binding.bind_output("logits", self.device)
+        for name in self.presents:
+            binding.bind_output(name, self.device)
+        self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[0, -1]
-        return logits, dict(zip(past, outputs[1:]))
+        return outputs[0].numpy()[0, -1], dict(zip(self.past, outputs[1:]))
 
-    prompt = rng.integers(3, vocab, size=(1, prompt_len), dtype=np.int64)
-    run(prompt, empty_past(), 0)  # warm-up: kernels, arena, cuBLAS
+    def greedy(self, logits, cache: dict, length: int, steps: int, on_step=None):
+        """`steps` greedy one-token runs after a prefill that returned (logits, cache) at `length`;
+        returns the seconds of each run. on_step(i) is called before run i (profiling hooks)."""
+        times = []
+        for i in range(steps):
+            if on_step is not None:
+                on_step(i)
+            token = np.array([[int(np.argmax(logits))]], dtype=np.int64)
+            t0 = time.perf_counter()
+            logits, cache = self.run(token, cache, length)
+            times.append(time.perf_counter() - t0)
+            length += 1
+        return times
+
+
+def bench_one(model_dir: Path, provider: str, prompt_len: int, new_tokens: int, repeats: int, seed: int = 0) -> dict:
+    memory = _GpuMemory() if provider == "cuda" else None
+    before = memory.used() if memory else None
+    decoder = DeviceDecoder(open_session(model_dir, provider), provider)
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(3, decoder.vocab, size=(1, prompt_len), dtype=np.int64)
+    decoder.run(prompt, decoder.empty_past(), 0)  # warm-up: kernels, arena, cuBLAS
     prefill, steps = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        logits, cache = run(prompt, empty_past(), 0)
+        logits, cache = decoder.run(prompt, decoder.empty_past(), 0)
         prefill.append(time.perf_counter() - t0)
-        length = prompt_len
-        for _ in range(new_tokens):
-            token = np.array([[int(np.argmax(logits))]], dtype=np.int64)
-            t0 = time.perf_counter()
-            logits, cache = run(token, cache, length)
-            steps.append(time.perf_counter() - t0)
-            length += 1
+        steps += decoder.greedy(logits, cache, prompt_len, new_tokens)
     peak = memory.used() if memory else None
     return {"model_dir": str(model_dir), "label": describe(model_dir), "weight_bytes": weight_bytes(model_dir),
             "ms_per_token": statistics.median(steps) * 1e3, "ms_per_token_mean": statistics.fmean(steps) * 1e3,

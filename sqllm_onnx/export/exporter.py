@@ -131,7 +131,7 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(cache, ignore_errors=True)
-    log(f"wrote {out_dir} in {time.time() - started:.0f} s")
+    log(f"wrote {out_dir} in {time.time() - started:.0f} s (peak memory of this process: {_peak_rss_gb():.1f} GB)")
     return out_dir
 
 
@@ -268,7 +268,19 @@ def _manifest(qmodel, dtype, summary, check, folder: Path, seconds: float, graph
             "op": {"domain": "sqllm", "op_type": "SqueezeMatMul", "opset": 1},
             "dtype": dtype, "task": TASK, "graph_style": graph_style,
             "quantization": qmodel.manifest if qmodel is not None else None, "graph": summary,
-            "validation": check, "files": files, "export_seconds": round(seconds, 1)}
+            "validation": check, "files": files, "export_seconds": round(seconds, 1),
+            "peak_rss_gb": round(_peak_rss_gb(), 2)}
+
+
+def _peak_rss_gb() -> float:
+    """The process's peak resident memory so far (Linux reports KiB, macOS bytes); 0 where unknown."""
+    try:
+        import resource
+        import sys
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
 def _replace(staging: Path, out_dir: Path) -> None:
