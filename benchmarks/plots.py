@@ -3,7 +3,7 @@
     python benchmarks/plots.py [DATA_DIR] [OUT_DIR]      (needs the `plots` extra: matplotlib)
 
 - ms_per_token_vs_bits.png: batch-1 decode ms/token (`sqllm-onnx bench`) against bits per weight of the
-  quantized projections, one point per exported variant: SmolLM2-135M, and the 7B-shaped llama (both runs).
+  quantized projections, one point per exported variant: SmolLM2-135M, and the 7B-shaped llama (three runs).
 - ppl_vs_bytes.png: perplexity on the held-out stdlib text against the size of the weights (MB): ORT CUDA
   (fp16 exports, `sqllm-onnx eval`) where measured, and torch float32 with the same dequantized weights
   (`sqllm-onnx quantize --eval`) for the quantizer's table.
@@ -65,21 +65,25 @@ def main() -> None:
     ax.set_ylabel("decode ms/token (batch 1)")
     ax.set_title(f"SmolLM2-135M, {bench['device']}, ORT CUDA EP", fontsize=9)
     ax.set_ylim(bottom=0)
-    for name, marker in (("e2e_bench_random-llama-7b_run1.json", "o"), ("e2e_bench_random-llama-7b.json", "x")):
+    runs = (("e2e_bench_random-llama-7b.json", "o", "tab:blue", "run 3 (labelled; all seven)"),
+            ("e2e_bench_random-llama-7b_run1.json", "+", "tab:green", "run 1"),
+            ("e2e_bench_random-llama-7b_run2.json", "x", "tab:red", "run 2"))
+    for name, marker, color, legend in runs:  # three machines of the same kind
         if not (data / name).exists():
             continue
         results = json.loads((data / name).read_text())["results"]
+        ax7.scatter([], [], marker=marker, color=color, label=legend)
         for i, (r, bits) in enumerate(zip(results, projection_bits_7b(results))):
-            ax7.scatter(bits, r["ms_per_token"], s=40, marker=marker, color="tab:blue" if marker == "o" else "tab:red")
-            if marker == "o" and bits > 8:
+            ax7.scatter(bits, r["ms_per_token"], s=40, marker=marker, color=color)
+            if marker != "o":
+                continue
+            if bits > 8:
                 ax7.annotate(short(r["label"]), (bits, r["ms_per_token"]), fontsize=7, xytext=(-60, -12),
                              textcoords="offset points")
-            elif marker == "o":  # the quantized points sit close together: labels in a column, with leaders
-                ax7.annotate(short(r["label"]), (bits, r["ms_per_token"]), fontsize=7, xytext=(7.0, 4.6 - 0.45 * i),
+            else:  # the quantized points sit close together: labels in a column, with leaders
+                ax7.annotate(short(r["label"]), (bits, r["ms_per_token"]), fontsize=7, xytext=(7.0, 4.4 - 0.5 * i),
                              textcoords="data", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"})
-    ax7.scatter([], [], marker="o", color="tab:blue", label="run 1")
-    ax7.scatter([], [], marker="x", color="tab:red", label="run 2 (another machine of the same kind)")
-    ax7.legend(fontsize=7)
+    ax7.legend(fontsize=7, loc="lower right")
     ax7.set_xlabel("bits per weight (quantized projections)")
     ax7.set_ylabel("decode ms/token (batch 1)")
     ax7.set_title("7B-shaped llama (random weights), same device and harness", fontsize=9)
