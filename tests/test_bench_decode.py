@@ -1,0 +1,71 @@
+"""`sqllm-onnx bench DIR` (batch-1 decoding benchmark) on the CPU: its stepping agrees with the runtime's
+Decoder, and the command writes the JSON and markdown it promises, or refuses bad arguments."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sqllm_onnx import cli
+from sqllm_onnx.bench.decode import DeviceDecoder, weight_bytes
+from sqllm_onnx.quantize import QuantConfig
+from sqllm_onnx.runtime.session import Decoder, open_session
+
+from conftest import lazy_exports
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    get = lazy_exports(tmp_path_factory.mktemp("bench"), {"sq3": ("llama", "fp32", True)},
+                       lambda name: QuantConfig(bits=3, sparsity=0.45, method="rtn", sensitive=0))
+    return get("sq3")
+
+
+def test_device_decoder_steps_like_the_runtime_decoder(exported):
+    session = open_session(exported, "cpu")
+    reference, device = Decoder(session), DeviceDecoder(session, "cpu")
+    prompt = np.array([[5, 17, 3, 99, 42]], np.int64)
+    expected = reference.step(prompt[0])[-1]
+    logits, cache = device.run(prompt, device.empty_past(), 0)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    length = prompt.shape[1]
+    for _ in range(4):  # greedy steps, the cache carried by each side
+        token = int(np.argmax(logits))
+        expected = reference.step([token])[-1]
+        logits, cache = device.run(np.array([[token]], np.int64), cache, length)
+        length += 1
+        np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    times = device.greedy(logits, cache, length, 3)
+    assert len(times) == 3 and all(t > 0 for t in times)
+
+
+def test_bench_command_writes_json_and_markdown(exported, tmp_path, capsys):
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    rc = cli.main(["bench", str(exported), "--provider", "cpu", "--prompt-len", "8", "--new-tokens", "4",
+                   "--json", str(out_json), "--markdown", str(out_md)])
+    assert rc == 0
+    data = json.loads(out_json.read_text())
+    (row,) = data["results"]
+    assert row["label"] == "SqueezeLLM 3b 0.45% (rtn)"
+    assert row["weight_bytes"] == weight_bytes(exported) > 0
+    assert row["ms_per_token"] > 0 and row["prefill_tokens_per_s"] > 0 and row["peak_gpu_mb"] is None
+    assert (row["prompt_len"], row["new_tokens"]) == (8, 4)
+    md = out_md.read_text()
+    assert "| SqueezeLLM 3b 0.45% (rtn) |" in md and "ms/token" in md
+    assert "SqueezeLLM 3b 0.45% (rtn):" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--new-tokens", "0"], "must be >= 1"),
+    (["--prompt-len", "0"], "must be >= 1"),
+])
+def test_bench_command_refuses_bad_arguments(exported, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["bench", str(exported), "--provider", "cpu", *argv])
+
+
+def test_bench_command_refuses_a_folder_without_a_model(tmp_path):
+    with pytest.raises(SystemExit, match="holds no model.onnx"):
+        cli.main(["bench", str(tmp_path), "--provider", "cpu"])
