@@ -37,13 +37,14 @@ def breakdown(model_dir: Path, prompt_len: int, steps: int) -> dict:
 
     decoder = DeviceDecoder(open_session(model_dir, "cuda"), "cuda")
     prompt = np.random.default_rng(0).integers(3, decoder.vocab, size=(1, prompt_len), dtype=np.int64)
-    decoder.run(prompt, decoder.empty_past(), 0)  # warm-up
-    logits, cache = decoder.run(prompt, decoder.empty_past(), 0)
-    wall = decoder.greedy(logits, cache, prompt_len, steps)
-    logits, cache = decoder.run(prompt, decoder.empty_past(), 0)
+    decoder.feed(prompt)  # warm-up
+    decoder.reset()
+    wall = decoder.greedy(decoder.feed(prompt), steps)
+    decoder.reset()
+    logits = decoder.feed(prompt)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        decoder.greedy(logits, cache, prompt_len, steps)
+        decoder.greedy(logits, steps)
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if _device_us(e) > 0]
     busy_us = sum(_device_us(e) for e in kernels)

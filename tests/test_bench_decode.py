@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sqllm_onnx import cli
-from sqllm_onnx.bench.decode import DeviceDecoder, weight_bytes
+from sqllm_onnx.bench.decode import DeviceDecoder, StaticCacheDecoder, weight_bytes
 from sqllm_onnx.quantize import QuantConfig
 from sqllm_onnx.runtime.session import Decoder, open_session
 
@@ -23,22 +23,30 @@ def exported(tmp_path_factory):
     return get("sq3")
 
 
-def test_device_decoder_steps_like_the_runtime_decoder(exported):
+@pytest.mark.parametrize("static", [False, True], ids=["growing-cache", "static-cache"])
+def test_decoders_step_like_the_runtime_decoder(exported, static):
+    """DeviceDecoder (cache grows each step) and StaticCacheDecoder (one max-length buffer per layer shared
+    by past and present, the CUDA-graph layout; run here on the CPU EP) give the runtime's logits."""
     session = open_session(exported, "cpu")
-    reference, device = Decoder(session), DeviceDecoder(session, "cpu")
+    reference = Decoder(session)
+    device = StaticCacheDecoder(session, "cpu", max_len=16) if static else DeviceDecoder(session, "cpu")
     prompt = np.array([[5, 17, 3, 99, 42]], np.int64)
-    expected = reference.step(prompt[0])[-1]
-    logits, cache = device.run(prompt, device.empty_past(), 0)
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-    length = prompt.shape[1]
-    for _ in range(4):  # greedy steps, the cache carried by each side
-        token = int(np.argmax(logits))
-        expected = reference.step([token])[-1]
-        logits, cache = device.run(np.array([[token]], np.int64), cache, length)
-        length += 1
+    for _ in range(2):  # a second round after reset(): a static cache keeps its buffers
+        reference.reset()
+        device.reset()
+        expected = reference.step(prompt[0])[-1]
+        logits = device.feed(prompt)
         np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-    times = device.greedy(logits, cache, length, 3)
+        for _ in range(6):  # greedy steps
+            token = int(np.argmax(logits))
+            expected = reference.step([token])[-1]
+            logits = device.feed(np.array([[token]], np.int64))
+            np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    times = device.greedy(logits, 3)
     assert len(times) == 3 and all(t > 0 for t in times)
+    if static:
+        with pytest.raises(ValueError, match="holds 16 positions"):
+            device.feed(np.zeros((1, 4), np.int64))
 
 
 def test_bench_command_writes_json_and_markdown(exported, tmp_path, capsys):
@@ -60,6 +68,7 @@ def test_bench_command_writes_json_and_markdown(exported, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--new-tokens", "0"], "must be >= 1"),
     (["--prompt-len", "0"], "must be >= 1"),
+    (["--cuda-graph"], "needs --provider cuda"),
 ])
 def test_bench_command_refuses_bad_arguments(exported, argv, message):
     with pytest.raises(SystemExit, match=message):
