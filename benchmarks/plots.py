@@ -3,7 +3,8 @@
     python benchmarks/plots.py [DATA_DIR] [OUT_DIR]      (needs the `plots` extra: matplotlib)
 
 - ms_per_token_vs_bits.png: batch-1 decode ms/token (`sqllm-onnx bench`) against bits per weight of the
-  quantized projections, one point per exported variant: SmolLM2-135M, and the 7B-shaped llama (three runs).
+  quantized projections, one point per exported variant: SmolLM2-135M, and the 7B-shaped llama (four runs, the
+  last with a static KV cache and CUDA graphs).
 - ppl_vs_bytes.png: perplexity on the held-out stdlib text against the size of the weights (MB): ORT CUDA
   (fp16 exports, `sqllm-onnx eval`) where measured, and torch float32 with the same dequantized weights
   (`sqllm-onnx quantize --eval`) for the quantizer's table.
@@ -67,11 +68,14 @@ def main() -> None:
     ax.set_ylim(bottom=0)
     runs = (("e2e_bench_random-llama-7b.json", "o", "tab:blue", "run 3 (labelled; all seven)"),
             ("e2e_bench_random-llama-7b_run1.json", "+", "tab:green", "run 1"),
-            ("e2e_bench_random-llama-7b_run2.json", "x", "tab:red", "run 2"))
-    for name, marker, color, legend in runs:  # three machines of the same kind
+            ("e2e_bench_random-llama-7b_run2.json", "x", "tab:red", "run 2"),
+            ("e2e_bench_random-llama-7b_cuda_graph.json", "^", "tab:purple", "run 4, static cache + CUDA graph"))
+    for name, marker, color, legend in runs:  # four machines of the same kind
         if not (data / name).exists():
             continue
         results = json.loads((data / name).read_text())["results"]
+        if marker == "^":  # that run has both modes; the growing-cache rows repeat runs 1-3
+            results = [r for r in results if r.get("cuda_graph")]
         ax7.scatter([], [], marker=marker, color=color, label=legend)
         for i, (r, bits) in enumerate(zip(results, projection_bits_7b(results))):
             ax7.scatter(bits, r["ms_per_token"], s=40, marker=marker, color=color)
@@ -81,7 +85,7 @@ def main() -> None:
                 ax7.annotate(short(r["label"]), (bits, r["ms_per_token"]), fontsize=7, xytext=(-60, -12),
                              textcoords="offset points")
             else:  # the quantized points sit close together: labels in a column, with leaders
-                ax7.annotate(short(r["label"]), (bits, r["ms_per_token"]), fontsize=7, xytext=(7.0, 4.4 - 0.5 * i),
+                ax7.annotate(short(r["label"]), (bits, r["ms_per_token"]), fontsize=7, xytext=(6.5, 13.0 - 0.8 * i),
                              textcoords="data", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"})
     ax7.legend(fontsize=7, loc="lower right")
     ax7.set_xlabel("bits per weight (quantized projections)")
