@@ -68,8 +68,6 @@ class DeviceDecoder:
     GPU for cuda): each step binds the previous step's present.* buffers as past_key_values.*, so the
     cache grows by one position per step (new buffers each time)."""
 
-    cuda_graph = False
-
     def __init__(self, session, provider: str):
         import onnxruntime as ort
 
