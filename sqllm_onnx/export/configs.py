@@ -29,9 +29,14 @@ def genai_config(model_config, generation_config, onnx_path: Path, library_path:
     folder, keeps the folder movable: onnxruntime-genai >= 0.9 resolves a relative
     custom_ops_library against the folder holding genai_config.json (0.8 passed it to dlopen
     as is), and 0.16 to 0.18 at least refuse an absolute path outside that folder and the working
-    directory, and any path with "..". The Optimum graph keeps separate past and present tensors, hence
-    past_present_share_buffer false."""
+    directory, and any path with "..".
+
+    past_present_share_buffer: true for the lean graph, whose GroupQueryAttention writes each new
+    position into a max-length cache buffer bound as both past and present (one allocation per
+    generation instead of one per step, and what GenAI's CUDA graphs need); false for the plain graph
+    (Optimum's own attention concatenates past and new into a fresh present tensor)."""
     proto = onnx.load(str(onnx_path), load_external_data=False)
+    share_buffer = any(n.op_type == "GroupQueryAttention" for n in proto.graph.node)
     inputs = {i.name for i in proto.graph.input}
     c = model_config
     heads = c.num_attention_heads
@@ -66,6 +71,6 @@ def genai_config(model_config, generation_config, onnx_path: Path, library_path:
             "vocab_size": c.vocab_size,
         },
         "search": {"do_sample": False, "max_length": min(max_length or context, context), "min_length": 0,
-                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": False,
+                   "num_beams": 1, "num_return_sequences": 1, "past_present_share_buffer": share_buffer,
                    "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }

@@ -40,8 +40,11 @@ attention_mask, position_ids, past_key_values.{i}.key/value [batch, kv_heads, pa
 outputs logits, present.{i}.key/value [batch, kv_heads, past_len + seq_len, head_dim]. Optimum turns
 the past inputs into a DynamicCache (one DynamicLayer per decoder layer, holding the input tensors)
 and the cache back into the present outputs (`to_legacy_cache`); the lean layer reads its layer's
-past K/V from that cache and stores GroupQueryAttention's present K/V in its place. The past and
-present tensors are separate buffers (GenAI: past_present_share_buffer false), as before.
+past K/V from that cache and stores GroupQueryAttention's present K/V in its place. Past and present
+may be separate buffers (a cache that grows each step, as Optimum and the Python Decoder drive it) or
+one max-length buffer bound to both (GroupQueryAttention's shared-buffer mode: it writes the new
+positions in place and takes the cache length from seqlens_k, i.e. the attention mask): ORT GenAI
+(genai_config past_present_share_buffer true) and `sqllm-onnx bench --cuda-graph` drive it that way.
 
 GroupQueryAttention (inputs 0-8 of its ORT 1.31 signature; the optional position_ids, attention_bias,
 head_sink, KV-quantization and q/k-norm inputs are left out): query, key, value [batch, seq, heads*head_dim]
