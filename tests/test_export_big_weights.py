@@ -114,6 +114,18 @@ def test_pretranspose_linears_keeps_outputs_and_the_output_embedding():
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
 
 
+def test_pretranspose_linears_replaces_a_shared_linear_once():
+    shared = torch.nn.Linear(4, 4)
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        before = model(x)
+    assert big_weights.pretranspose_linears(model) == 1
+    assert model[0] is model[2] and isinstance(model[0], big_weights.PretransposedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+
+
 def test_export_over_2gb_matches_torch(tmp_path, monkeypatch):
     """A 7B-shaped llama cut to 2 layers, fp32 (2.7 GB: torch writes external data): one merged
     model.onnx_data, no MatMul on a Transpose, and ORT logits equal to an untouched copy of the model."""

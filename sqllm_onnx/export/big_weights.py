@@ -64,18 +64,22 @@ class PretransposedLinear(nn.Module):
 
 def pretranspose_linears(model: nn.Module) -> int:
     """Replace every plain nn.Linear except the output embedding by a PretransposedLinear; returns how
-    many. Each W is freed as its Wᵀ is made, so at most one layer is held twice."""
+    many. Each W is freed as its Wᵀ is made, so at most one layer is held twice. A linear reachable
+    by several paths (a shared module) gets one replacement, set at every path."""
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m is not output]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+    paths: dict[int, tuple[nn.Linear, list[str]]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if type(m) is nn.Linear and m is not output:
+            paths.setdefault(id(m), (m, []))[1].append(name)
+    for linear, names in paths.values():
         with torch.no_grad():
             replacement = PretransposedLinear(linear.weight.detach().t().contiguous(),
                                               None if linear.bias is None else linear.bias.detach())
-        setattr(parent, child, replacement)
-        linear.weight = None  # the only other reference was the model's
-    return len(targets)
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+        linear.weight = None  # the model held the only other references
+    return len(paths)
 
 
 @contextlib.contextmanager
