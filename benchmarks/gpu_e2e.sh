@@ -64,11 +64,7 @@ reusable() {  # reusable DIR: REUSE=1 and DIR holds a finished export
   [ "${REUSE:-0}" = 1 ] && [ -f "$1/sqllm_manifest.json" ] && { echo "== reusing $1" | tee -a "$LOG"; dirs+=("$1"); }
 }
 for m in $METHODS; do
-  case $m in
-    fp16) reusable "$base" && continue ;;
-    ort-*) reusable "$WORK/$tag-$m" && continue ;;
-    sq*) reusable "$WORK/$tag-$m" && continue ;;
-  esac
+  reusable "$WORK/$tag-$m" && continue  # every variant's folder, $base included, is $WORK/$tag-$m
   case $m in
     fp16)
       run export-fp16 "$(export_limit)" "$PY" -m sqllm_onnx.cli export --model "$MODEL" --method none --dtype fp16 --overwrite \

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -276,7 +277,6 @@ def _peak_rss_gb() -> float:
     """The process's peak resident memory so far (Linux reports KiB, macOS bytes); 0 where unknown."""
     try:
         import resource
-        import sys
     except ImportError:  # Windows
         return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
