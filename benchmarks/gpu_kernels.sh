@@ -17,8 +17,8 @@
 #      same suite, its hazards tallied by kernel (cuBLAS's nvjet GEMM kernels report shared-memory hazards
 #      of their own: 1408 in the 2026-11-22 run, all inside nvjet; any other kernel fails the step)
 #      (last: their slowdown is the least predictable; rerun them alone with BUDGET_S if cut)
-# STEPS selects steps (default "build tests bench prefill memcheck racecheck"; "bench32000" = only the
-# 4096x32000 part of bench), e.g. a second call with
+# STEPS selects steps (default "build tests bench prefill memcheck racecheck"; "bench_more" = only the
+# larger shapes of bench), e.g. a second call with
 # STEPS="build memcheck racecheck" BUDGET_S=500 reruns only the sanitizers.
 # Files under $OUT (9): build.log tests.log sanitizer.log racecheck_kernels.txt bench.log bench.json bench.md prefill.json
 # prefill.md. A summary with the targets is printed at the end (and appended to bench.log).
@@ -73,17 +73,20 @@ command -v cuobjdump >/dev/null && cuobjdump --dump-resource-usage "$LIB" 2>&1 |
 [ -f "$LIB" ] && export SQLLM_OPS_LIBRARY=$LIB  # else the installed library (sqllm_onnx/_lib)
 
 # ---- 2. tests ----------------------------------------------------------------------------------------
-want tests && step tests tests.log "$(limit 210 300)" "$PY" -m pytest -q -p no:cacheprovider -rfE tests/test_op_cuda.py tests/test_op_cpu.py
+want tests && step tests tests.log "$(limit 210 300)" "$PY" -m pytest -q -p no:cacheprovider -rfE ${TESTS:-tests/test_op_cuda.py tests/test_op_cpu.py}
 
 # ---- 3. kernel benchmark, M = 1 ----------------------------------------------------------------------------
 BENCH=("$PY" -m sqllm_onnx.cli bench kernel --provider cuda --ops 16)
 want bench && step bench bench.log "$(limit 240 250)" "${BENCH[@]}" --repeats 30 --shapes 4096x4096,4096x11008,11008x4096 \
   --json "$OUT/bench_a.json" --markdown "$OUT/bench.md"
-# 4096x32000 (an lm_head) as its own step: quantizing 16 such weights for every MatMulNBits block size on
-# the host takes longer than the timing itself (90 s were not enough for all methods; give it ~300 s).
-# BENCH32000_METHODS narrows it (comma-separated method names), e.g. when device time is short.
-(want bench || want bench32000) && step bench_32000 bench.log "$(limit 320 100)" "${BENCH[@]}" --repeats 30 --shapes 4096x32000 \
-  ${BENCH32000_METHODS:+--methods "$BENCH32000_METHODS"} --json "$OUT/bench_b.json" --markdown "$OUT/bench_b.md"
+# The larger shapes (fused qkv 4096x12288, fused gate/up 4096x22016, an lm_head 4096x32000, a 70B
+# down_proj 8192x28672) as their own step with 4 distinct weights (each already exceeds L2 several
+# times) and the main methods: generating 16 fp16 weights of these sizes on the host alone takes minutes.
+# BENCH_MORE_METHODS overrides the methods (comma-separated names).
+(want bench || want bench_more) && step bench_more bench.log "$(limit 240 60)" "$PY" -m sqllm_onnx.cli bench kernel \
+  --provider cuda --ops 4 --repeats 20 --shapes 4096x12288,4096x22016,4096x32000,8192x28672 \
+  --methods "${BENCH_MORE_METHODS:-ORT MatMul (float),ORT MatMulNBits 4b g128,SqueezeMatMul 3b,SqueezeMatMul 3b 0.45%,SqueezeMatMul 4b}" \
+  --json "$OUT/bench_b.json" --markdown "$OUT/bench_b.md"
 
 # ---- 4. prefill, M = 512 ---------------------------------------------------------------------------------------
 # 4 ops per graph (at M = 512 the GEMM dominates and 4 distinct weights already exceed L2 several times),

@@ -81,11 +81,17 @@ std::string CheckInputs(const Attributes& a, const TensorDesc (&in)[kNumInputs],
     M *= as[i];
   }
 
-  const int64_t words = WordsPerRow(a.K, a.bits);
-  const std::vector<int64_t> qshape{a.N, words};
-  if (in[kQWeight].shape != qshape)
-    return Msg("input 'qweight' must have shape [N, ceil(K*bits/32)] = ", ShapeString(qshape), ", got ",
+  const int64_t words = WordsPerTile(a.K, a.bits);
+  const std::vector<int64_t> qshape{TileCount(a.N), words};
+  if (in[kQWeight].shape != qshape) {
+    // sqllm-onnx 0.1 stored qweight row-major, [N, ceil(K*bits/32)]; the layout is tiled since 0.2.
+    if (in[kQWeight].shape == std::vector<int64_t>{a.N, (a.K * a.bits + 31) / 32})
+      return Msg("input 'qweight' has the row-major layout [N, ceil(K*bits/32)] = ", ShapeString(in[kQWeight].shape),
+                 " of sqllm-onnx 0.1 exports; this library reads the tiled layout [ceil(N/16), 32*ceil(K/64)*bits] = ",
+                 ShapeString(qshape), ": re-export the model with this version (docs/op-spec.md)");
+    return Msg("input 'qweight' must have shape [ceil(N/16), 32*ceil(K/64)*bits] = ", ShapeString(qshape), ", got ",
                ShapeString(in[kQWeight].shape));
+  }
   const std::vector<int64_t> lshape{a.N, int64_t{1} << a.bits};
   if (in[kLut].shape != lshape)
     return Msg("input 'lut' must have shape [N, 2^bits] = ", ShapeString(lshape), ", got ",

@@ -1,9 +1,11 @@
 // Entry point of libsqllm_ops.so: onnxruntime calls RegisterCustomOps when a session options
 // object registers the library. One registration table for every execution provider.
+#include <algorithm>
 #include <mutex>
 #include <string>
 
 #include "cpu/cpu_kernel.h"
+#include "cpu/lut_int8.h"
 #include "sqllm/ort_glue.h"
 #ifdef SQLLM_WITH_CUDA
 #include "cuda/cuda_kernel.h"
@@ -59,3 +61,30 @@ SQLLM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* option
 
 // The library version, for manifests and version-skew checks.
 SQLLM_EXPORT const char* SqllmOpsVersion() { return SQLLM_VERSION; }
+
+// What this build holds, as JSON (sqllm_onnx.library_info()): the version, the ORT API version it
+// asks for, the CUDA architectures compiled in (empty without CUDA), and the CPU paths this CPU runs
+// (docs/op-spec.md: "int8-avx512-vnni" for bits 3/4 at M <= 8 where available, else exact).
+SQLLM_EXPORT const char* SqllmLibraryInfo() {
+  static const std::string info = [] {
+    std::string cpu = "\"exact-portable\"";
+#if defined(__x86_64__) || defined(_M_X64)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) cpu = "\"exact-avx2\"";
+#endif
+    if (sqllm::cpu::HasInt8Kernel()) cpu += ", \"int8-avx512-vnni\"";
+#ifdef SQLLM_WITH_CUDA
+    const std::string archs = SQLLM_CUDA_ARCHS;
+#else
+    const std::string archs;
+#endif
+    std::string list;  // "80-real,90-virtual" -> ["80-real", "90-virtual"]
+    for (size_t i = 0; i < archs.size();) {
+      const size_t j = std::min(archs.find(',', i), archs.size());
+      list += (list.empty() ? "\"" : ", \"") + archs.substr(i, j - i) + "\"";
+      i = j + 1;
+    }
+    return std::string("{\"version\": \"") + SQLLM_VERSION + "\", \"ort_api_version\": " +
+           std::to_string(ORT_API_VERSION) + ", \"cuda_archs\": [" + list + "], \"cpu_paths\": [" + cpu + "]}";
+  }();
+  return info.c_str();
+}

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "get_library_path", "register"]
+__all__ = ["__version__", "get_library_path", "library_info", "register"]
 
 _LIBRARY_NAME = "libsqllm_ops.so"
 _ENV_OVERRIDE = "SQLLM_OPS_LIBRARY"
@@ -35,6 +35,21 @@ def get_library_path() -> str:
         f"{_LIBRARY_NAME} is not installed with sqllm_onnx (looked in "
         f"{', '.join(str(f / '_lib') for f in _search_folders())}). Build it with `pip install .` "
         f"from the source tree, or point ${_ENV_OVERRIDE} at a library built with CMake.")
+
+
+def library_info(path: str | None = None) -> dict:
+    """What the op library holds: version, ORT API version, CUDA architectures compiled in, and the
+    CPU kernel paths this CPU runs (exported ``SqllmLibraryInfo``)."""
+    import ctypes
+    import json
+
+    lib = ctypes.CDLL(path or get_library_path())
+    try:
+        fn = lib.SqllmLibraryInfo
+    except AttributeError as e:
+        raise RuntimeError(f"{path or get_library_path()} predates SqllmLibraryInfo; rebuild it") from e
+    fn.restype = ctypes.c_char_p
+    return json.loads(fn().decode())
 
 
 def _search_folders() -> list[Path]:

@@ -22,7 +22,7 @@ class PackedLinear:
     """One quantized linear layer in the op's layout: what the quantizer produces and the exporter
     turns into initializers. Float arrays share one dtype T (float16 or float32)."""
 
-    qweight: np.ndarray  # int32 [N, ceil(K*bits/32)]
+    qweight: np.ndarray  # int32 [ceil(N/16), 32*ceil(K/64)*bits], the tiled layout
     lut: np.ndarray  # T [N, 2^bits]
     bits: int
     K: int

@@ -7,15 +7,13 @@ over speed, except for packing, which runs on every layer of a model and is vect
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4, 8)
-_ROWS_PER_CHUNK = 1024  # bounds the temporary bit arrays of pack/unpack to ~K*bits*1024 bytes
-
-
-def words_per_row(K: int, bits: int) -> int:
-    """Number of int32 words one output row of ``qweight`` takes: ceil(K*bits/32)."""
-    return (K * bits + 31) // 32
+TILE_ROWS, GROUP_CODES, UNIT_GROUPS = 16, 64, 4  # the tiled layout (docs/op-spec.md, ops/include/sqllm/layout.h)
+_TILES_PER_CHUNK = 64  # bounds the temporary bit arrays of pack/unpack to ~64 * 16 * K * bits bytes
 
 
 def _check_bits(bits: int) -> None:
@@ -23,11 +21,46 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
 
 
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack codes ``[N, K]`` (integers in [0, 2^bits)) into ``qweight`` int32 ``[N, ceil(K*bits/32)]``.
+def qweight_shape(N: int, K: int, bits: int) -> tuple[int, int]:
+    """Shape of ``qweight``: ``[ceil(N/16), 32 * ceil(K/64) * bits]`` int32 (one row per 16-row tile of W)."""
+    return -(-N // TILE_ROWS), 32 * -(-K // GROUP_CODES) * bits
 
-    Per row, an LSB-first bit stream: code k occupies stream bits [k*bits, (k+1)*bits), stream bit i
-    is bit i%32 of word i/32; padding bits are zero.
+
+def legacy_row_shape(N: int, K: int, bits: int) -> tuple[int, int]:
+    """Shape of the row-major ``qweight`` of sqllm-onnx 0.1 exports and checkpoints: ``[N, ceil(K*bits/32)]``."""
+    return N, (K * bits + 31) // 32
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_bit_positions(K: int, bits: int) -> np.ndarray:
+    """For a tile, the physical bit (within the tile's words) of bit ``jb`` of code (r, k), flattened
+    in (r, k, jb) order over r < 16, k < 64 * ceil(K/64): the layout of ops/include/sqllm/layout.h."""
+    G = -(-K // GROUP_CODES)
+    full_units, partial = divmod(G, UNIT_GROUPS)
+    r = np.arange(TILE_ROWS)[:, None, None]
+    k = np.arange(G * GROUP_CODES)[None, :, None]
+    jb = np.arange(bits)[None, None, :]
+    g, h = r & 7, r >> 3
+    kk = k & 255
+    i, p, t, q, j = kk >> 6, (kk >> 5) & 1, (kk >> 3) & 3, (kk >> 2) & 1, kk & 3
+    s = 2 * p + q
+    unit = k >> 8
+    full = unit < full_units
+    ng = np.where(full, UNIT_GROUPS, partial)
+    lane = 4 * g + t
+    sb = ((h * ng + i) * 16 + 4 * s + j) * bits + jb
+    w, bit = sb >> 5, sb & 31
+    word = unit * 128 * bits + np.where(full, (w >> 2) * 128 + 4 * lane + (w & 3), w * 32 + lane)
+    positions = (word * 32 + bit).reshape(-1)
+    assert np.array_equal(np.sort(positions), np.arange(positions.size)), "the layout is a permutation"
+    return positions
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack codes ``[N, K]`` (integers in [0, 2^bits)) into ``qweight``: int32 ``qweight_shape(N, K, bits)``.
+
+    The tiled layout of docs/op-spec.md: 16-row tiles, K in groups of 64 codes, four groups to a unit,
+    each unit stored as 32 lanes' bit streams (rows and K padded with code 0).
     """
     _check_bits(bits)
     codes = np.asarray(codes)
@@ -36,32 +69,60 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     if codes.size and (codes.min() < 0 or codes.max() >= (1 << bits)):
         raise ValueError(f"codes must lie in [0, {1 << bits}) for bits={bits}")
     N, K = codes.shape
-    W = words_per_row(K, bits)
-    out = np.empty((N, W), dtype=np.int32)
+    if N == 0 or K == 0:
+        raise ValueError(f"codes must have N, K >= 1, got shape {codes.shape}")
+    T, words = qweight_shape(N, K, bits)
+    positions = _tile_bit_positions(K, bits)
+    Kp = words // (32 * bits) * GROUP_CODES
+    out = np.empty((T, words), dtype=np.int32)
     shifts = np.arange(bits, dtype=np.uint8)
-    for r0 in range(0, N, _ROWS_PER_CHUNK):
-        c = codes[r0:r0 + _ROWS_PER_CHUNK].astype(np.uint8)
-        stream = ((c[:, :, None] >> shifts) & 1).reshape(c.shape[0], K * bits)
-        padded = np.zeros((c.shape[0], W * 32), dtype=np.uint8)
-        padded[:, :K * bits] = stream
-        packed = np.packbits(padded, axis=1, bitorder="little")  # bytes, little-endian within words
-        out[r0:r0 + _ROWS_PER_CHUNK] = packed.view("<u4").view(np.int32)
+    for t0 in range(0, T, _TILES_PER_CHUNK):
+        t1 = min(T, t0 + _TILES_PER_CHUNK)
+        c = np.zeros(((t1 - t0) * TILE_ROWS, Kp), dtype=np.uint8)
+        block = codes[t0 * TILE_ROWS:t1 * TILE_ROWS]
+        c[:block.shape[0], :K] = block
+        stream = ((c.reshape(t1 - t0, TILE_ROWS, Kp, 1) >> shifts) & 1).reshape(t1 - t0, -1)
+        physical = np.empty_like(stream)
+        physical[:, positions] = stream
+        out[t0:t1] = np.packbits(physical, axis=1, bitorder="little").view("<u4").view(np.int32)
     return out
 
 
-def unpack_codes(qweight: np.ndarray, K: int, bits: int) -> np.ndarray:
-    """Inverse of ``pack_codes``: ``qweight`` ``[N, ceil(K*bits/32)]`` -> codes uint8 ``[N, K]``."""
+def unpack_codes(qweight: np.ndarray, K: int, bits: int, N: int) -> np.ndarray:
+    """Inverse of ``pack_codes``: ``qweight`` (tiled) -> codes uint8 ``[N, K]``."""
+    _check_bits(bits)
+    qweight = np.ascontiguousarray(qweight, dtype=np.int32)
+    shape = qweight_shape(N, K, bits)
+    if qweight.shape != shape:
+        raise ValueError(f"qweight has shape {list(qweight.shape)}, expected [ceil(N/16), 32*ceil(K/64)*bits] = {list(shape)}")
+    T, words = shape
+    positions = _tile_bit_positions(K, bits)
+    Kp = words // (32 * bits) * GROUP_CODES
+    weights = (1 << np.arange(bits)).astype(np.uint8)
+    out = np.empty((T * TILE_ROWS, Kp), dtype=np.uint8)
+    for t0 in range(0, T, _TILES_PER_CHUNK):
+        t1 = min(T, t0 + _TILES_PER_CHUNK)
+        q = qweight[t0:t1].astype("<u4")
+        physical = np.unpackbits(q.view(np.uint8), axis=1, bitorder="little")
+        stream = physical[:, positions].reshape(t1 - t0, TILE_ROWS, Kp, bits)
+        out[t0 * TILE_ROWS:t1 * TILE_ROWS] = (stream @ weights).reshape(-1, Kp)
+    return out[:N, :K]
+
+
+def unpack_legacy_rows(qweight: np.ndarray, K: int, bits: int) -> np.ndarray:
+    """Codes uint8 ``[N, K]`` of a row-major ``qweight`` ``[N, ceil(K*bits/32)]`` (sqllm-onnx 0.1): per
+    row an LSB-first bit stream, code k at stream bits [k*bits, (k+1)*bits). For converting old checkpoints."""
     _check_bits(bits)
     qweight = np.ascontiguousarray(qweight, dtype=np.int32)
     N, W = qweight.shape
-    if W != words_per_row(K, bits):
-        raise ValueError(f"qweight has {W} words per row, expected ceil(K*bits/32) = {words_per_row(K, bits)}")
+    if W != (K * bits + 31) // 32:
+        raise ValueError(f"qweight has {W} words per row, expected ceil(K*bits/32) = {(K * bits + 31) // 32}")
     out = np.empty((N, K), dtype=np.uint8)
     weights = (1 << np.arange(bits)).astype(np.uint8)
-    for r0 in range(0, N, _ROWS_PER_CHUNK):
-        q = qweight[r0:r0 + _ROWS_PER_CHUNK].astype("<u4")
+    for r0 in range(0, N, 1024):
+        q = qweight[r0:r0 + 1024].astype("<u4")
         stream = np.unpackbits(q.view(np.uint8), axis=1, bitorder="little")[:, :K * bits]
-        out[r0:r0 + _ROWS_PER_CHUNK] = stream.reshape(q.shape[0], K, bits) @ weights
+        out[r0:r0 + 1024] = stream.reshape(q.shape[0], K, bits) @ weights
     return out
 
 
@@ -76,8 +137,8 @@ def csr_to_dense(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, N:
 def dequantize(qweight, lut, K: int, bits: int, sparse_indptr=None, sparse_indices=None,
                sparse_values=None) -> np.ndarray:
     """W = lut[n, code(n, k)] + S[n, k] as float64 ``[N, K]``."""
-    codes = unpack_codes(qweight, K, bits)
     lut = np.asarray(lut, dtype=np.float64)
+    codes = unpack_codes(qweight, K, bits, lut.shape[0])
     W = np.take_along_axis(lut, codes.astype(np.int64), axis=1)
     if sparse_indptr is not None:
         W += csr_to_dense(sparse_indptr, sparse_indices, sparse_values, lut.shape[0], K)

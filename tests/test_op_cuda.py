@@ -4,8 +4,9 @@ Every test is marked `gpu` (conftest skips them without CUDAExecutionProvider). 
 with `session.disable_cpu_ep_fallback=1`, so a node the CUDA EP does not take fails session creation
 instead of silently running on the CPU; `test_node_runs_on_cuda` also checks the profile.
 
-Paths exercised (docs/cuda-kernels.md): decode on tensor cores (fp16, bits 3/4, M <= 8 and, in
-chunks of 8, M <= 32), decode on CUDA cores (fp32, bits 2/8), prefill (dequantize + cuBLAS, larger M).
+Paths exercised (docs/cuda-kernels.md): decode on tensor cores (decode_tc.cu: fp16, bits 3/4,
+M <= 32), decode on CUDA cores (fp32, bits 2/8, misaligned buffers, and forced through the hook),
+prefill (dequantize + cuBLAS, larger M).
 
 Tolerance: conftest's assert_matches_reference as on the CPU (1e-3 of the magnitude scale for
 fp16, 1e-5 for fp32). It holds on the GPU too: products are exact in fp32 (tensor cores take fp16
@@ -152,7 +153,7 @@ def test_nan_and_inf_propagate(M, dtype):
 
 def test_model_built_by_hand_from_the_spec():
     rng = np.random.default_rng(5)
-    K, N, bits = 45, 7, 3
+    K, N, bits = 45, 7, 3  # the CPU test packs the tiled layout by hand; here pack_codes does
     codes = rng.integers(0, 8, size=(N, K))
     qweight = ref.pack_codes(codes, bits)
     lut = rng.standard_normal((N, 8)).astype(np.float32)
@@ -272,52 +273,41 @@ def test_tuning_switches():
     assert " passed" in r.stdout
 
 
-# ---- every tensor-core decode variant, through the kernel-only hook ----------------------------------
+# ---- both decode kernels, through the kernel-only hook ---------------------------------------------
 
 def _decode_hook():
     """The library's decode hooks (ops/cuda/bench_hook.cc), or None for a build without them."""
     try:
         lib = ctypes.CDLL(sqllm_onnx.get_library_path())
-        fn = lib.SqllmCudaLaunchDecodeVariant
+        fn = lib.SqllmCudaLaunchDecodeKernel
     except (OSError, FileNotFoundError, AttributeError):
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     fn.argtypes = [p] * 8 + [i64] * 5 + [i32, p, i32]
     fn.restype = ctypes.c_char_p
-    lib.SqllmCudaDecodeVariantName.argtypes = [i32]
-    lib.SqllmCudaDecodeVariantName.restype = ctypes.c_char_p
     lib.SqllmCudaSynchronize.argtypes = []
     lib.SqllmCudaSynchronize.restype = ctypes.c_char_p
     return lib
 
 
-def _decode_variants() -> list[str]:
-    lib = _decode_hook()
-    names = []
-    while lib is not None and (name := lib.SqllmCudaDecodeVariantName(len(names))) is not None:
-        names.append(name.decode())
-    return names
+KERNELS = {"default": 0, "cuda-cores": 1}  # SqllmCudaLaunchDecodeKernel's `kernel`
+
+# (K, N, rows of A, misaligned buffers, sparse): K tails (4160: a partial unit of 1 group; 4173: a
+# partial, masked unit), 43 full units (11008), many tiles per CTA (N = 30000: 1875 tiles), K < 256
+# (one unit, partial), K = 320 (a full unit and a 1-group partial one), qweight / A / LUT / CSR values
+# at odd offsets (the tensor-core kernel declines them: the CUDA-core kernel runs), no sparse part and
+# no bias, and M = 20 (three chunks on the CUDA cores, A in one chunk on tensor cores).
+HOOK_CASES = pick([(4160, 40, (1, 3, 8), False, True), (4173, 33, (2, 5), False, True),
+                   (11008, 48, (1, 4), False, True), (600, 30000, (1, 8), False, True),
+                   (4096, 40, (1, 6), True, True), (200, 24, (2,), False, True), (320, 70, (7, 20), False, False)],
+                  [(4173, 33, (2,), False, True), (600, 30000, (1,), False, True), (4096, 40, (6,), True, True)])
+_hook_layers: dict = {}
 
 
-DECODE_VARIANTS = _decode_variants()
-FOUR_BIT_ONLY = ("dual", "pair")  # variants that decline 3 bits (ops/cuda/decode_pipe.cu)
-
-# (K, N, rows of A, misaligned buffers, sparse): K tails (4160: 64 codes, 4173: 77 codes and narrower
-# qweight loads), 43 k-tiles (11008), many row tiles per CTA (N = 30000: 1875 tiles, balanced split,
-# both table/partial buffers reused), K < 256 (everything in the K tail), qweight / A / LUT / CSR values
-# at odd offsets (4-byte qweight loads, A staged without cp.async, LUT rows read 2 bytes at a time, CSR
-# value words at the ends of the array read directly), no sparse part and no bias.
-VARIANT_CASES = pick([(4160, 40, (1, 3, 8), False, True), (4173, 33, (2, 5), False, True),
-                      (11008, 48, (1, 4), False, True), (600, 30000, (1, 8), False, True),
-                      (4096, 40, (1, 6), True, True), (200, 24, (2,), False, True), (1100, 70, (7,), False, False)],
-                     [(4173, 33, (2,), False, True), (600, 30000, (1,), False, True), (4096, 40, (6,), True, True)])
-_variant_layers: dict = {}
-
-
-def _variant_layer(bits, K, N, sparse):
-    """The layer of a case, its dequantized W and |W| (float64), shared by the variants."""
+def _hook_layer(bits, K, N, sparse):
+    """The layer of a case, its dequantized W and |W| (float64), shared by the kernels."""
     key = (bits, K, N, sparse)
-    if key not in _variant_layers:
+    if key not in _hook_layers:
         rng = np.random.default_rng(K * 31 + N + bits)
         layer = random_layer(rng, K, N, bits, sparse=sparse, bias=sparse, density=0.0045).astype(np.float16)
         W = ref.dequantize(layer.qweight, layer.lut.astype(np.float32), K, bits, layer.sparse_indptr,
@@ -326,8 +316,8 @@ def _variant_layer(bits, K, N, sparse):
         Wabs = np.abs(ref.dequantize(layer.qweight, layer.lut.astype(np.float32), K, bits, layer.sparse_indptr,
                                      layer.sparse_indices, None if layer.sparse_values is None else
                                      np.abs(layer.sparse_values.astype(np.float32)))).astype(np.float64)
-        _variant_layers[key] = (layer, W, Wabs)  # ~0.6 GB for all cases: built once, not per variant
-    return _variant_layers[key]
+        _hook_layers[key] = (layer, W, Wabs)
+    return _hook_layers[key]
 
 
 def _on_device(arr, offset_elems=0):
@@ -339,7 +329,7 @@ def _on_device(arr, offset_elems=0):
     return value, value.data_ptr() + offset_elems * flat.dtype.itemsize
 
 
-def _run_variant(lib, variant, layer, A, misaligned):
+def _run_hook(lib, kernel, layer, A, misaligned):
     M, K = A.shape
     off = 1 if misaligned else 0
     keep, ptrs = [], {}
@@ -353,40 +343,34 @@ def _run_variant(lib, variant, layer, A, misaligned):
         keep.append(value)
     y = ort.OrtValue.ortvalue_from_shape_and_type((M, layer.N), np.float16, "cuda", 0)
     nnz = 0 if layer.sparse_indices is None else len(layer.sparse_indices)
-    err = lib.SqllmCudaLaunchDecodeVariant(ptrs["a"], ptrs["q"], ptrs["lut"], ptrs["indptr"], ptrs["indices"],
-                                           ptrs["values"], ptrs["bias"], y.data_ptr(), M, K, layer.N, layer.bits,
-                                           nnz, 1, None, DECODE_VARIANTS.index(variant))
+    err = lib.SqllmCudaLaunchDecodeKernel(ptrs["a"], ptrs["q"], ptrs["lut"], ptrs["indptr"], ptrs["indices"],
+                                          ptrs["values"], ptrs["bias"], y.data_ptr(), M, K, layer.N, layer.bits,
+                                          nnz, 1, None, KERNELS[kernel])
     sync = lib.SqllmCudaSynchronize()
     assert sync is None, sync.decode()
-    return (None, err.decode()) if err is not None else (y.numpy(), None)
+    assert err is None, err.decode()
+    return y.numpy()
 
 
 @pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("variant", DECODE_VARIANTS)
-def test_decode_variant(variant, bits):
-    """Each decode variant (kernels.h DecodeVariant, forced through SqllmCudaLaunchDecodeVariant)
-    against the reference: fp16, sparse + bias, the cases of VARIANT_CASES. A variant may decline a
-    problem only where it is documented to (dual and pair: 3 bits)."""
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_decode_kernels(kernel, bits):
+    """The tensor-core kernel (where it applies) and the CUDA-core kernel (forced), through
+    SqllmCudaLaunchDecodeKernel, against the reference: fp16, sparse + bias, the cases of HOOK_CASES."""
     lib = _decode_hook()
-    ran = 0
-    for K, N, rows, misaligned, sparse in VARIANT_CASES:
-        layer, W, Wabs = _variant_layer(bits, K, N, sparse)
-        rng = np.random.default_rng(K + N + len(variant))
+    for K, N, rows, misaligned, sparse in HOOK_CASES:
+        layer, W, Wabs = _hook_layer(bits, K, N, sparse)
+        rng = np.random.default_rng(K + N + len(kernel))
         for M in rows:
             A = rng.standard_normal((M, K)).astype(np.float16)
-            y, err = _run_variant(lib, variant, layer, A, misaligned)
-            if err is not None:
-                assert variant in FOUR_BIT_ONLY and bits == 3 and "does not take" in err, err
-                continue
+            y = _run_hook(lib, kernel, layer, A, misaligned)
             A64 = A.astype(np.float64)
             bias = 0 if layer.bias is None else layer.bias.astype(np.float64)
             expected = A64 @ W.T + bias
             scale = np.abs(A64) @ Wabs.T + np.abs(bias)
             err_abs = np.abs(y.astype(np.float64) - expected)
             assert np.all(err_abs <= 1e-3 * scale + 1e-6), \
-                f"{variant} bits={bits} K={K} N={N} M={M}: max error {err_abs.max():.3g}, max scale {scale.max():.3g}"
-            ran += 1
-    assert ran > 0 or (variant in FOUR_BIT_ONLY and bits == 3)
+                f"{kernel} bits={bits} K={K} N={N} M={M}: max error {err_abs.max():.3g}, max scale {scale.max():.3g}"
 
 
 # ---- CUDA graphs -------------------------------------------------------------------------------------

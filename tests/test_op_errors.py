@@ -85,7 +85,8 @@ def test_scalar_A():
 def test_qweight_shape():
     feeds = valid_feeds()
     feeds["qweight"] = feeds["qweight"][:, :-1]
-    expect_error(r"input 'qweight' must have shape \[N, ceil\(K\*bits/32\)\] = \[6, 7\], got \[6, 6\]", feeds)
+    expect_error(r"input 'qweight' must have shape \[ceil\(N/16\), 32\*ceil\(K/64\)\*bits\] = \[1, 192\], got \[1, 191\]",
+                 feeds)
 
 
 def test_qweight_dtype():

@@ -67,7 +67,7 @@ def test_quantized_layers_follow_the_op_contract(llama):
         lin = model.get_submodule(name)
         N, K = lin.weight.shape
         assert layer.N == N and layer.K == K and layer.bits == 3
-        assert layer.qweight.shape == (N, reference.words_per_row(K, 3)) and layer.qweight.dtype == np.int32
+        assert layer.qweight.shape == reference.qweight_shape(N, K, 3) and layer.qweight.dtype == np.int32
         assert layer.lut.shape == (N, 8) and layer.lut.dtype == np.float16
         assert layer.sparse_indptr.shape == (N + 1,) and layer.sparse_values.dtype == np.float16
         assert layer.nnz == round(0.0045 * N * K)

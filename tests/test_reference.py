@@ -7,27 +7,58 @@ from sqllm_onnx import reference as ref
 
 
 @pytest.mark.parametrize("bits", ref.SUPPORTED_BITS)
-@pytest.mark.parametrize("K", [1, 31, 32, 33, 100, 4096 + 7])
-def test_pack_unpack_roundtrip(bits, K):
-    rng = np.random.default_rng(K * 10 + bits)
-    codes = rng.integers(0, 1 << bits, size=(5, K))
+@pytest.mark.parametrize("N, K", [(1, 1), (5, 31), (16, 64), (17, 100), (33, 250), (5, 4096 + 7)])
+def test_pack_unpack_roundtrip(bits, N, K):
+    rng = np.random.default_rng(K * 10 + bits + N)
+    codes = rng.integers(0, 1 << bits, size=(N, K))
     q = ref.pack_codes(codes, bits)
-    assert q.dtype == np.int32 and q.shape == (5, ref.words_per_row(K, bits))
-    np.testing.assert_array_equal(ref.unpack_codes(q, K, bits), codes)
+    assert q.dtype == np.int32 and q.shape == ref.qweight_shape(N, K, bits)
+    assert q.shape == (-(-N // 16), 32 * -(-K // 64) * bits)
+    np.testing.assert_array_equal(ref.unpack_codes(q, K, bits, N), codes)
 
 
-def test_pack_layout_is_lsb_first_bit_stream():
-    # 4 bits: code k is nibble k%8 of word k/8.
-    q = ref.pack_codes(np.arange(8)[None, :], 4)
-    assert q[0, 0] == 0x76543210
-    # 3 bits: codes 0..31 fill exactly three words; code 10 straddles words 0 and 1 (bits 30..32).
-    codes = np.zeros((1, 32), dtype=np.int64)
-    codes[0, 10] = 0b111
-    q = ref.pack_codes(codes, 3).view(np.uint32)
-    assert q.shape == (1, 3) and q[0, 0] == 0b11 << 30 and q[0, 1] == 0b1 and q[0, 2] == 0
-    # padding bits after the last code are zero
-    q = ref.pack_codes(np.full((1, 3), 7), 3).view(np.uint32)
-    assert q[0, 0] == (1 << 9) - 1
+def _word(q, tile, unit, w, lane, bits, full_unit=True):
+    """Lane-local word w of `lane` in `unit` of `tile`, by the formula of docs/op-spec.md."""
+    base = unit * 128 * bits + ((w // 4) * 128 + 4 * lane + w % 4 if full_unit else w * 32 + lane)
+    return int(q.view(np.uint32)[tile, base])
+
+
+def test_pack_layout_spot_checks():
+    # 4 bits, one full unit: row r = 8h + g, k = 64i + 32p + 8t + 4q + j; lane 4g + t holds the
+    # code of (h, i, s = 2p + q, j) at stream bit ((4h + i) * 16 + 4s + j) * 4.
+    codes = np.zeros((16, 256), np.int64)
+    codes[9, 64 * 2 + 32 * 1 + 8 * 3 + 4 * 0 + 1] = 0xA  # r = 9: h 1, g 1; i 2, p 1, t 3, q 0, j 1 -> s 2
+    q = ref.pack_codes(codes, 4)
+    stream_bit = ((4 * 1 + 2) * 16 + 4 * 2 + 1) * 4  # 412: word 12, bit 28
+    assert _word(q, 0, 0, stream_bit // 32, 4 * 1 + 3, 4) == 0xA << (stream_bit % 32)
+    assert np.count_nonzero(q) == 1
+    # 3 bits: a code may straddle two lane-local words (stream bits 30..32), which a full unit
+    # stores 16 bytes apart (quads): w 0 (bits 30, 31) and w 1 (bit 32 = bit 0).
+    codes = np.zeros((1, 256), np.int64)
+    codes[0, 64 * 0 + 32 * 1 + 8 * 0 + 4 * 0 + 2] = 0b111  # r 0 (lane 0), i 0, s 2, j 2: stream code 10
+    q = ref.pack_codes(codes, 3)
+    assert _word(q, 0, 0, 0, 0, 3) == 0b11 << 30 and _word(q, 0, 0, 1, 0, 3) == 0b1
+    # A partial unit (K = 300: unit 1 has ng = 1 group) is stored word-interleaved (w * 32 + lane),
+    # and its row-g+8 codes start at stream bit ng * 16 * bits.
+    codes = np.zeros((16, 300), np.int64)
+    codes[8, 256 + 8 * 2] = 5  # r 8: h 1, g 0; k - 256 = 16: i 0, p 0, t 2, q 0, j 0 -> lane 2, stream code 16
+    q = ref.pack_codes(codes, 3)
+    stream_bit = (1 * 1 * 16 + 0) * 3  # 48: word 1, bit 16
+    assert _word(q, 0, 1, 1, 2, 3, full_unit=False) == 5 << 16
+    assert np.count_nonzero(q) == 1
+
+
+def test_legacy_rows_convert_to_tiles():
+    rng = np.random.default_rng(7)
+    for bits, K in [(3, 100), (4, 64), (2, 33)]:
+        codes = rng.integers(0, 1 << bits, size=(21, K))
+        words = (K * bits + 31) // 32
+        stream = np.zeros((21, words * 32), np.uint8)
+        for b in range(bits):
+            stream[:, np.arange(K) * bits + b] = (codes >> b) & 1
+        legacy = np.packbits(stream, axis=1, bitorder="little").view("<u4").view(np.int32)
+        assert legacy.shape == ref.legacy_row_shape(21, K, bits)
+        np.testing.assert_array_equal(ref.unpack_legacy_rows(legacy, K, bits), codes)
 
 
 def test_pack_rejects_bad_input():
@@ -35,8 +66,8 @@ def test_pack_rejects_bad_input():
         ref.pack_codes(np.zeros((1, 4)), 5)
     with pytest.raises(ValueError, match="must lie in"):
         ref.pack_codes(np.full((1, 4), 8), 3)
-    with pytest.raises(ValueError, match="words per row"):
-        ref.unpack_codes(np.zeros((1, 2), np.int32), 32, 3)
+    with pytest.raises(ValueError, match="expected"):
+        ref.unpack_codes(np.zeros((1, 2), np.int32), 32, 3, 1)
 
 
 def test_squeeze_matmul_matches_dense_formula():

@@ -1,6 +1,7 @@
 """Reliability of the op library under fuzzing and concurrency (CPU)."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 from conftest import make_session, random_layer, reference_output
 
 import sqllm_onnx
@@ -16,13 +18,15 @@ from sqllm_onnx.op import make_model
 FUZZ = Path(__file__).with_name("fuzz_op.py")
 
 
-def test_fuzz_in_a_subprocess(tmp_path):
+@pytest.mark.parametrize("kernel", ["exact", "auto"])
+def test_fuzz_in_a_subprocess(tmp_path, kernel):
     """A few thousand random and malformed cases (docs/reliability.md runs 100,000): a crash would
     kill the subprocess; every rejection must be a clear ORT error and every accepted case must
-    match the reference (fuzz_op.py asserts both)."""
+    match the reference (fuzz_op.py asserts both), for both CPU kernel choices."""
     out = tmp_path / "fuzz.json"
     proc = subprocess.run([sys.executable, str(FUZZ), "--cases", "2500", "--seed", "11", "--threads", "2",
-                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+                           "--json", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SQLLM_CPU_KERNEL": kernel})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["cases"] == 2500 and sum(result["outcomes"].values()) == 2500

@@ -28,6 +28,8 @@ class OrtParallelFor : public cpu::ParallelFor {
 
 }  // namespace
 
+CpuKernel::CpuKernel() : choice_(static_cast<int>(cpu::DefaultKernelChoice())) {}
+
 std::string CpuKernel::ReadInt32(const OrtValue* value, OrtKernelContext*, int64_t count, std::vector<int32_t>* out) {
   void* data = nullptr;
   if (OrtStatus* s = Ort::GetApi().GetTensorMutableData(const_cast<OrtValue*>(value), &data)) {
@@ -59,7 +61,7 @@ std::string CpuKernel::Run(OrtKernelContext* context, const Problem& p, const In
   args.values = in.Data(kValues);
   args.bias = in.Data(kBias);
   args.y = y;
-  cpu::LutMatmul(p, args, OrtParallelFor(context));
+  cpu::LutMatmul(p, args, OrtParallelFor(context), static_cast<cpu::KernelChoice>(choice_));
   return "";
 }
 

@@ -11,7 +11,7 @@ namespace sqllm::cpu {
 
 struct Args {
   const float* a = nullptr;          // [M, K], fp32 (fp16 inputs are widened once per call)
-  const uint32_t* qweight = nullptr;  // [N, words]
+  const uint32_t* qweight = nullptr;  // tiled, [ceil(N/16), words] (sqllm/layout.h)
   const void* lut = nullptr;         // T [N, 2^bits]
   const int32_t* indptr = nullptr;   // [N+1] or null
   const int32_t* indices = nullptr;  // [nnz]
@@ -27,6 +27,15 @@ struct ParallelFor {
   virtual ~ParallelFor() = default;
 };
 
-void LutMatmul(const Problem& p, const Args& args, const ParallelFor& parallel_for);
+// Which path runs (lut_matmul.cc): the int8 path where it applies (bits 3/4, M <= 8, AVX-512 VBMI
+// + VNNI, finite A and LUT), else exact; kExact = always the exact fp32 path. kInt8 is kAuto (kept so
+// that SQLLM_CPU_KERNEL=int8 says what it asks for).
+enum class KernelChoice { kAuto, kExact, kInt8 };
+// SQLLM_CPU_KERNEL=auto|exact|int8 (the kernel reads it when a session creates it).
+KernelChoice DefaultKernelChoice();
+// The path `choice` runs for `p` on this CPU: "int8-avx512-vnni", "exact-avx2" or "exact-portable".
+const char* CpuPathName(const Problem& p, KernelChoice choice);
+
+void LutMatmul(const Problem& p, const Args& args, const ParallelFor& parallel_for, KernelChoice choice);
 
 }  // namespace sqllm::cpu

@@ -9,23 +9,17 @@
 //
 // Launches the decode path (exactly what the CUDA EP kernel launches for this problem) on `stream`
 // (a cudaStream_t; null = legacy default stream) for device pointers on the current device:
-// a [M, K], qweight [N, ceil(K*bits/32)], lut [N, 2^bits], indptr [N+1] / indices [nnz] /
+// a [M, K], qweight [ceil(N/16), 32*ceil(K/64)*bits] (tiled), lut [N, 2^bits], indptr [N+1] / indices [nnz] /
 // values [nnz] (all three null for no sparse part), bias [N] or null, y [M, N]; T = fp16 when
 // is_half != 0, else fp32. qweight and the LUT are treated as constant (PDL prefetch allowed).
 // Nothing is validated beyond the dimensions (the CSR content must be well formed). Requires
 // M >= 1 and M within the decode path (M <= 8, or fp16 bits 3/4 with M <= SQLLM_CUDA_DECODE_MAX_M).
 // Returns nullptr on success, else a message valid until the next call on the same thread.
 //
-//   const char* SqllmCudaLaunchDecodeVariant(<the same arguments>, int32_t variant);
+//   const char* SqllmCudaLaunchDecodeKernel(<the same arguments>, int32_t kernel);
 //
-// The same with the tensor-core decode variant forced (kernels.h DecodeVariant; -1 = the policy,
-// as above): an error if that variant cannot take the problem, no fallback.
-//
-//   const char* SqllmCudaDecodeVariantName(int32_t variant);   // null past the last variant
-//   int32_t SqllmCudaDecodeDefaultVariant(int64_t M, int64_t K, int64_t N, int64_t bits);
-//
-// The variants' names, and the variant the policy picks for an fp16 problem (decode_policy.cc;
-// the baseline may still run if the pick declines the problem).
+// The same with the kernel chosen: 0 = as the EP kernel would (tensor cores where they apply),
+// 1 = the CUDA-core kernel (decode_generic.cu) even where the tensor-core kernel would run.
 //
 //   const char* SqllmCudaSynchronize(void);   // cudaDeviceSynchronize: null or a message (tests)
 #include <cuda_runtime.h>
@@ -38,11 +32,11 @@
 
 #define SQLLM_EXPORT extern "C" __attribute__((visibility("default")))
 
-SQLLM_EXPORT const char* SqllmCudaLaunchDecodeVariant(const void* a, const int32_t* qweight, const void* lut,
-                                                      const int32_t* indptr, const int32_t* indices,
-                                                      const void* values, const void* bias, void* y, int64_t M,
-                                                      int64_t K, int64_t N, int64_t bits, int64_t nnz, int32_t is_half,
-                                                      void* stream, int32_t variant) {
+SQLLM_EXPORT const char* SqllmCudaLaunchDecodeKernel(const void* a, const int32_t* qweight, const void* lut,
+                                                     const int32_t* indptr, const int32_t* indices, const void* values,
+                                                     const void* bias, void* y, int64_t M, int64_t K, int64_t N,
+                                                     int64_t bits, int64_t nnz, int32_t is_half, void* stream,
+                                                     int32_t kernel) {
   static thread_local std::string message;
   using sqllm::Problem;
   Problem p;
@@ -58,7 +52,11 @@ SQLLM_EXPORT const char* SqllmCudaLaunchDecodeVariant(const void* a, const int32
     message = "SqllmCudaLaunchDecode: bad K, N or bits";
     return message.c_str();
   }
-  p.words = sqllm::WordsPerRow(K, bits);
+  if (kernel != 0 && kernel != 1) {
+    message = "SqllmCudaLaunchDecodeKernel: kernel must be 0 (default) or 1 (CUDA cores), got " + std::to_string(kernel);
+    return message.c_str();
+  }
+  p.words = sqllm::WordsPerTile(K, bits);
   if (M < 1 || !sqllm::cuda::UsesDecodePath(p)) {
     message = "SqllmCudaLaunchDecode: M = " + std::to_string(M) + " is not on the decode path";
     return message.c_str();
@@ -72,11 +70,7 @@ SQLLM_EXPORT const char* SqllmCudaLaunchDecodeVariant(const void* a, const int32
   sqllm::cuda::LaunchOptions options;
   options.qweight_constant = true;
   options.lut_constant = true;
-  if (variant >= 0 && !sqllm::cuda::DecodeVariantName(variant)) {
-    message = "SqllmCudaLaunchDecodeVariant: no decode variant " + std::to_string(variant);
-    return message.c_str();
-  }
-  options.variant = variant < 0 ? -1 : variant;
+  options.force_generic = kernel == 1;
   message = sqllm::cuda::LaunchDecode(p, args, static_cast<cudaStream_t>(stream), options);
   return message.empty() ? nullptr : message.c_str();
 }
@@ -85,22 +79,8 @@ SQLLM_EXPORT const char* SqllmCudaLaunchDecode(const void* a, const int32_t* qwe
                                                const int32_t* indptr, const int32_t* indices, const void* values,
                                                const void* bias, void* y, int64_t M, int64_t K, int64_t N,
                                                int64_t bits, int64_t nnz, int32_t is_half, void* stream) {
-  return SqllmCudaLaunchDecodeVariant(a, qweight, lut, indptr, indices, values, bias, y, M, K, N, bits, nnz, is_half,
-                                      stream, -1);
-}
-
-SQLLM_EXPORT const char* SqllmCudaDecodeVariantName(int32_t variant) {
-  return sqllm::cuda::DecodeVariantName(variant);
-}
-
-SQLLM_EXPORT int32_t SqllmCudaDecodeDefaultVariant(int64_t M, int64_t K, int64_t N, int64_t bits) {
-  sqllm::Problem p;
-  p.M = M;
-  p.K = K;
-  p.N = N;
-  p.bits = static_cast<int>(bits);
-  p.elem_type = sqllm::kFloat16;
-  return sqllm::cuda::ChooseDecodeVariant(p);
+  return SqllmCudaLaunchDecodeKernel(a, qweight, lut, indptr, indices, values, bias, y, M, K, N, bits, nnz, is_half,
+                                     stream, 0);
 }
 
 SQLLM_EXPORT const char* SqllmCudaSynchronize() {

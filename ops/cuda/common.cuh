@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels (ops/cuda/*.cu): element conversions, code extraction,
+// Device helpers shared by the CUDA kernels (ops/cuda/*.cu): element conversions,
 // programmatic dependent launch (PDL) controls, warp reductions, and the PDL-aware launcher.
 #pragma once
 
@@ -21,18 +21,6 @@ __device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2ha
 
 __device__ __forceinline__ float HalfBitsToFloat(uint32_t bits) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(bits & 0xFFFFu)));
-}
-
-// Code k of a row's LSB-first bit stream (docs/op-spec.md). Reads one word, or two when the code
-// straddles a word boundary (then the second word is still inside the row: the code is). Plain
-// loads: callers may run after griddepcontrol.wait (see decode_mma.cu).
-__device__ __forceinline__ uint32_t CodeAt(const uint32_t* row, int64_t k, int bits) {
-  const int64_t pos = k * bits;
-  const int64_t i = pos >> 5;
-  const int s = static_cast<int>(pos & 31);
-  uint32_t v = row[i] >> s;
-  if (s + bits > 32) v |= row[i + 1] << (32 - s);
-  return v & ((1u << bits) - 1u);
 }
 
 __device__ __forceinline__ float WarpSum(float v) {

@@ -1,10 +1,11 @@
-// Decode path for everything decode_mma.cu does not take: fp32 (any bits), fp16 with bits 2 or 8,
-// and fp16 when A (M x K) does not fit in shared memory. Correct for any K < 2^31, any N, M <= 8.
+// Decode path for everything decode_tc.cu does not take: fp32 (any bits), fp16 with bits 2 or 8,
+// GPUs before sm_90, and fp16 when A (M x K) does not fit in shared memory. Correct for any K < 2^31,
+// any N, M <= 8.
 //
 // Layout and launch: 256 threads = 8 warps; one warp per output row n (rows by grid stride, so any
 // N works with a grid of a few CTAs per SM). Lanes stride over k: lane l handles k = l, l+32, ...,
-// extracts code k from the row's bit stream (one word, or two when it straddles a word), looks the
-// value up in the row's LUT (global memory, L1-resident), and accumulates in fp32 for every row of
+// extracts code k from the tiled layout (sqllm/layout.h: one word, or two when the code straddles
+// two), looks the value up in the row's LUT (global memory, L1-resident), and accumulates in fp32 for every row of
 // A. A is staged once per CTA in shared memory (as T) when M * K * sizeof(T) <= 48 KiB, else read
 // from global memory (L1/L2). The sparse part is fused: the same warp strides over the row's CSR
 // entries and gathers A; no atomics, balanced per row. Warp-shuffle reduction, bias, one rounding.
@@ -16,6 +17,7 @@
 
 #include "common.cuh"
 #include "kernels.h"
+#include "sqllm/layout.h"
 
 namespace sqllm::cuda {
 namespace {
@@ -56,10 +58,11 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeGenericKernel(const Generic
     float acc[8];
 #pragma unroll
     for (int m = 0; m < 8; ++m) acc[m] = 0.f;
-    const uint32_t* qrow = p.q + n * p.words;
+    const uint32_t* tile = p.q + (n >> 4) * p.words;
+    const int r = static_cast<int>(n & 15);
     const T* lrow = p.lut + (n << p.bits);
     for (int64_t k = lane; k < p.K; k += 32) {
-      const float w = ToFloat(lrow[CodeAt(qrow, k, p.bits)]);
+      const float w = ToFloat(lrow[layout::CodeAt(tile, r, k, p.K, p.bits)]);
       const T* ak = a + k;  // A[m, k] = ak[m * K], walked with one pointer
 #pragma unroll
       for (int m = 0; m < 8; ++m, ak += p.K)

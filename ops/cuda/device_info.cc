@@ -34,16 +34,18 @@ std::string CurrentDevice(DeviceInfo* out) {
   if (!valid[device]) {
     DeviceInfo d;
     d.device = device;
-    int smem = 0;
+    int smem = 0, smem_sm = 0;
     for (auto [attr, dst] : {std::pair<cudaDeviceAttr, int*>{cudaDevAttrMultiProcessorCount, &d.sms},
                              {cudaDevAttrComputeCapabilityMajor, &d.cc_major},
                              {cudaDevAttrComputeCapabilityMinor, &d.cc_minor},
-                             {cudaDevAttrMaxSharedMemoryPerBlockOptin, &smem}}) {
+                             {cudaDevAttrMaxSharedMemoryPerBlockOptin, &smem},
+                             {cudaDevAttrMaxSharedMemoryPerMultiprocessor, &smem_sm}}) {
       e = cudaDeviceGetAttribute(dst, attr, device);
       if (e != cudaSuccess)
         return std::string("SqueezeMatMul (CUDA): cudaDeviceGetAttribute: ") + cudaGetErrorString(e);
     }
     d.smem_optin = smem;
+    d.smem_per_sm = smem_sm;
     cache[device] = d;
     valid[device] = true;
   }

@@ -12,6 +12,7 @@ struct DeviceInfo {
   int sms = 0;             // streaming multiprocessors
   int cc_major = 0, cc_minor = 0;
   int64_t smem_optin = 0;  // max dynamic shared memory per block after opting in (bytes)
+  int64_t smem_per_sm = 0;  // shared memory per multiprocessor (bytes)
 };
 
 // Facts about the current device ("" or an error message).

@@ -28,8 +28,8 @@ std::string CheckArgs(const Problem& p, const DeviceArgs& d) {
   const auto misaligned = [](const void* ptr, uintptr_t a) { return reinterpret_cast<uintptr_t>(ptr) % a != 0; };
   if (p.M < 1 || p.K < 1 || p.N < 1 || p.K > INT_MAX || p.N > INT_MAX)
     return "SqueezeMatMul (CUDA): internal error: bad dimensions";
-  if (!(p.bits == 2 || p.bits == 3 || p.bits == 4 || p.bits == 8) || p.words != WordsPerRow(p.K, p.bits))
-    return "SqueezeMatMul (CUDA): internal error: bad bits or qweight row length";
+  if (!(p.bits == 2 || p.bits == 3 || p.bits == 4 || p.bits == 8) || p.words != WordsPerTile(p.K, p.bits))
+    return "SqueezeMatMul (CUDA): internal error: bad bits or qweight tile length";
   if (d.half != (p.elem_type == kFloat16)) return "SqueezeMatMul (CUDA): internal error: element type mismatch";
   if (!d.a || !d.qweight || !d.lut || !d.y) return "SqueezeMatMul (CUDA): internal error: null input or output";
   if (p.has_sparse && (!d.indptr || (p.nnz > 0 && (!d.indices || !d.values))))
@@ -56,34 +56,21 @@ std::string LaunchDecode(const Problem& p, const DeviceArgs& args, cudaStream_t 
   DeviceInfo dev;
   if (auto err = CurrentDevice(&dev); !err.empty()) return err;
   const bool pdl = GetTuning().pdl && dev.cc_major >= 9;
+  if (!options.force_generic) {
+    bool launched = false;
+    if (auto err = LaunchDecodeTc(p, args, stream, pdl, options.qweight_constant && options.lut_constant, dev, &launched);
+        !err.empty() || launched)
+      return err;
+  }
+  // The CUDA-core kernel, 8 rows of A at a time (each chunk re-reads W, from L2 when it fits).
   const int64_t esize = static_cast<int64_t>(ElemSize(p));
-  // Rows of A in chunks of 8: each chunk re-reads the codes (from L2 when they fit), which beats
-  // dequantizing W for the GEMM up to a few dozen rows.
   for (int64_t m0 = 0; m0 < p.M; m0 += 8) {
     Problem chunk = p;
     chunk.M = std::min<int64_t>(8, p.M - m0);
     DeviceArgs d = args;
     d.a = static_cast<const char*>(args.a) + m0 * p.K * esize;
     d.y = static_cast<char*>(args.y) + m0 * p.N * esize;
-    bool launched = false;
-    // The chosen tensor-core variant, else (its shared memory does not fit, or 4-bit only) "pipe",
-    // else "base"; a variant forced by the caller has no fallback.
-    const int chosen = options.variant >= 0 ? options.variant : ChooseDecodeVariant(chunk);
-    for (int variant : {chosen, static_cast<int>(kDecodePipe), static_cast<int>(kDecodeBase)}) {
-      if (launched || (variant != chosen && options.variant >= 0)) break;
-      if (auto err = LaunchDecodeVariant(variant, chunk, d, stream, pdl, options.qweight_constant,
-                                         options.lut_constant, dev, &launched);
-          !err.empty())
-        return err;
-    }
-    if (!launched && options.variant >= 0) {
-      const char* name = DecodeVariantName(options.variant);
-      return std::string("SqueezeMatMul (CUDA): decode variant ") + (name ? name : "?") + " does not take M = " +
-             std::to_string(chunk.M) + ", K = " + std::to_string(p.K) + ", N = " + std::to_string(p.N) +
-             ", bits = " + std::to_string(p.bits);
-    }
-    if (!launched)
-      if (auto err = LaunchDecodeGeneric(chunk, d, stream, dev); !err.empty()) return err;
+    if (auto err = LaunchDecodeGeneric(chunk, d, stream, dev); !err.empty()) return err;
   }
   return "";
 }

@@ -4,8 +4,9 @@
 // an error message starting with "SqueezeMatMul (CUDA)".
 //
 // Paths (docs/cuda-kernels.md):
-//   decode  (fp16: M <= Tuning::decode_max_m, in chunks of 8 rows of A; fp32: M <= 8)
-//           LUT GEMV with the sparse part, the K tail and the bias fused; no scratch.
+//   decode  (fp16 bits 3/4: M <= Tuning::decode_max_m; otherwise M <= 8)
+//           LUT GEMV with the sparse part, the K tail and the bias fused; no scratch
+//           (decode_tc.cu on sm_90+, else decode_generic.cu).
 //   prefill (larger M) W (dense + sparse) dequantized into a scratch buffer, chunk by chunk of
 //           rows of W, then one cuBLAS GEMM per chunk on tensor cores (fp32 compute).
 #pragma once
@@ -21,7 +22,7 @@ namespace sqllm::cuda {
 
 struct DeviceArgs {
   const void* a;            // T [M, K]
-  const uint32_t* qweight;  // [N, words]
+  const uint32_t* qweight;  // tiled, [ceil(N/16), words] (sqllm/layout.h)
   const void* lut;          // T [N, 2^bits]
   const int32_t* indptr;    // [N+1] or null
   const int32_t* indices;   // [nnz]
@@ -36,10 +37,8 @@ struct LaunchOptions {
   // decode kernel may then start reading them before the previous kernel on the stream finished.
   bool qweight_constant = false;
   bool lut_constant = false;
-  // Tensor-core decode variant (kernels.h DecodeVariant): -1 = the policy (decode_policy.cc) with
-  // fallbacks; >= 0 = exactly that variant, and an error if it cannot take the problem (for the
-  // benchmark hook's sweeps and tests).
-  int variant = -1;
+  // Use the CUDA-core kernel even where the tensor-core kernel would run (tests, benchmarks).
+  bool force_generic = false;
 };
 
 // Whether `p` takes the decode path (else the prefill path).

@@ -14,6 +14,7 @@
 
 #include "common.cuh"
 #include "kernels.h"
+#include "sqllm/layout.h"
 
 namespace sqllm::cuda {
 namespace {
@@ -56,7 +57,6 @@ __global__ void __launch_bounds__(kThreads) DequantizeKernel(const DequantParams
   __shared__ float lut[256];
   const int tid = threadIdx.x;
   const int entries = 1 << p.bits;
-  const uint32_t mask = (1u << p.bits) - 1u;
   const int64_t items = p.rows * p.chunks;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int64_t r = item / p.chunks, n = p.n0 + r;
@@ -67,17 +67,10 @@ __global__ void __launch_bounds__(kThreads) DequantizeKernel(const DequantParams
     __syncthreads();
     float v[kCodesPerThread];
     if (kk < p.K) {
-      const uint32_t* row = p.q + n * p.words;
-      const int64_t bit = kk * p.bits;
-      const int64_t wi = bit >> 5;
-      const int sh = static_cast<int>(bit & 31);
-      const uint32_t w0 = row[wi];
-      const uint32_t w1 = wi + 1 < p.words ? row[wi + 1] : 0u;
-      const uint32_t w2 = wi + 2 < p.words ? row[wi + 2] : 0u;
-      uint64_t window = ((static_cast<uint64_t>(w1) << 32) | w0) >> sh;
-      if (sh) window |= static_cast<uint64_t>(w2) << (64 - sh);
+      const uint32_t* tile = p.q + (n >> 4) * p.words;
 #pragma unroll
-      for (int i = 0; i < kCodesPerThread; ++i) v[i] = kk + i < p.K ? lut[(window >> (i * p.bits)) & mask] : 0.f;
+      for (int i = 0; i < kCodesPerThread; ++i)
+        v[i] = kk + i < p.K ? lut[layout::CodeAt(tile, static_cast<int>(n & 15), kk + i, p.K, p.bits)] : 0.f;
     }
     if (p.indptr) {  // add the row's sparse entries of this chunk in shared memory (fp32)
       if (kk < p.K) {

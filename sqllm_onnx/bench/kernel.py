@@ -53,12 +53,10 @@ def default_methods() -> list[Method]:
 # ---- weights ---------------------------------------------------------------------------------------
 
 def random_squeeze_layer(rng, K: int, N: int, bits: int, sparsity: float, dtype) -> PackedLinear:
-    """Random codes (random words: every bit pattern is a valid code stream) and LUT, and a CSR
-    with `sparsity` percent of the entries spread evenly over rows, as the quantizer makes them."""
-    words = ref.words_per_row(K, bits)
-    qweight = rng.integers(0, 2**32, size=(N, words), dtype=np.uint64).astype(np.uint32)
-    if (K * bits) % 32:  # padding bits must be zero
-        qweight[:, -1] &= np.uint32((1 << ((K * bits) % 32)) - 1)
+    """Random codes (random words: every bit pattern is a valid tiled code stream, and kernels
+    ignore the codes of padding rows and columns) and LUT, and a CSR with `sparsity` percent of the
+    entries spread evenly over rows, as the quantizer makes them."""
+    qweight = rng.integers(0, 2**32, size=ref.qweight_shape(N, K, bits), dtype=np.uint64).astype(np.uint32)
     layer = PackedLinear(qweight.view(np.int32), rng.standard_normal((N, 1 << bits)).astype(dtype) * 0.02, bits, K)
     nnz = int(round(K * N * sparsity / 100))
     if nnz:

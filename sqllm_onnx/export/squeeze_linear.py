@@ -8,24 +8,39 @@ emits one `sqllm.SqueezeMatMul` node whose packed inputs become initializers.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
 
+from sqllm_onnx import reference
 from sqllm_onnx.op import DOMAIN, OP_TYPE, PackedLinear
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_code_words(K: int, bits: int):
+    """Per code (r, k) of a tile (r < 16, k < 64 ceil(K/64)): the words holding its first and last
+    bit and the shift of its first bit (reference.pack_codes' layout)."""
+    pos = reference._tile_bit_positions(K, bits).reshape(reference.TILE_ROWS, -1, bits)
+    return pos[..., 0] // 32, pos[..., -1] // 32, pos[..., 0] % 32
 
 
 def dequantize_torch(qweight: torch.Tensor, lut: torch.Tensor, K: int, bits: int, indptr=None, indices=None,
                      values=None) -> torch.Tensor:
     """W [N, K] in lut's dtype: lut[n, code(n, k)] (+ the CSR part). Same contract as
-    reference.dequantize, vectorised in torch for large layers."""
-    N = qweight.shape[0]
-    pos = torch.arange(K, dtype=torch.int64, device=qweight.device) * bits
-    word, shift = pos >> 5, pos & 31
-    w = qweight.to(torch.int64) & 0xFFFFFFFF
-    lo = w[:, word]
-    hi = w[:, torch.clamp(word + 1, max=w.shape[1] - 1)]
-    codes = ((lo | (hi << 32)) >> shift) & ((1 << bits) - 1)
+    reference.dequantize, vectorised in torch for large layers (tiles in chunks of ~16M codes)."""
+    N = lut.shape[0]
+    first, last, shift = (torch.from_numpy(a).to(qweight.device) for a in _tile_code_words(K, bits))
+    q = qweight.to(torch.int64) & 0xFFFFFFFF
+    mask = (1 << bits) - 1
+    per_chunk = max(1, (1 << 24) // first.numel())
+    codes = []
+    for t0 in range(0, q.shape[0], per_chunk):
+        qt = q[t0:t0 + per_chunk]
+        lo, hi = qt[:, first], qt[:, last]  # [tiles, 16, Kp]
+        codes.append((((lo | (hi << 32)) >> shift) & mask).reshape(-1, first.shape[1]))
+    codes = torch.cat(codes)[:N, :K]
     W = torch.gather(lut, 1, codes)
     if indptr is not None and indices is not None and indices.numel():
         rows = torch.repeat_interleave(torch.arange(N, device=qweight.device), torch.diff(indptr.to(torch.int64)))

@@ -2,7 +2,8 @@
 `manifest.json` (how it was made, per-layer statistics, file hashes), plus applying it to a model.
 
 Layout of `model.safetensors`: for each quantized module name NAME (as in `model.named_modules()`),
-`NAME.qweight` int32 [N, ceil(K*bits/32)], `NAME.lut` T [N, 2^bits], optionally
+`NAME.qweight` int32 [ceil(N/16), 32*ceil(K/64)*bits] (the op's tiled layout; the row-major
+[N, ceil(K*bits/32)] of sqllm-onnx 0.1 checkpoints is converted on load), `NAME.lut` T [N, 2^bits], optionally
 `NAME.sparse_indptr` int32 [N+1], `NAME.sparse_indices` int32 [nnz], `NAME.sparse_values` T [nnz], and
 `NAME.bias` T [N]; T is the manifest's `lut_dtype`. `manifest["layers"][NAME]` holds `bits`, `K`, `N`.
 """
@@ -65,6 +66,11 @@ def layer_from_arrays(name: str, arrays: dict[str, np.ndarray], bits: int, K: in
     qweight, lut = get("qweight"), get("lut")
     if qweight is None or lut is None:
         raise CheckpointError(f"{where}: layer {name!r} lacks its qweight or lut tensor")
+    if (qweight.ndim == 2 and lut.ndim == 2 and qweight.dtype == np.int32
+            and qweight.shape == reference.legacy_row_shape(lut.shape[0], int(K), int(bits))
+            and qweight.shape != reference.qweight_shape(lut.shape[0], int(K), int(bits))):
+        # a sqllm-onnx 0.1 checkpoint: row-major codes, repacked into the tiled layout
+        qweight = reference.pack_codes(reference.unpack_legacy_rows(qweight, int(K), int(bits)), int(bits))
     layer = PackedLinear(qweight=qweight, lut=lut, bits=int(bits), K=int(K), sparse_indptr=get("sparse_indptr"),
                          sparse_indices=get("sparse_indices"), sparse_values=get("sparse_values"), bias=get("bias"))
     validate_layer(name, layer, N=N, lut_dtype=lut_dtype, where=where)
@@ -88,9 +94,9 @@ def validate_layer(name: str, layer: PackedLinear, N: int | None = None, lut_dty
         fail(f"lut must be float16 or float32, got {lut.dtype}")
     if lut_dtype is not None and lut.dtype != np.dtype(lut_dtype):
         fail(f"lut is {lut.dtype} but the manifest says {lut_dtype}")
-    words = reference.words_per_row(layer.K, layer.bits)
-    if layer.qweight.dtype != np.int32 or layer.qweight.shape != (n, words):
-        fail(f"qweight must be int32 [N, ceil(K*bits/32)] = [{n}, {words}], got {layer.qweight.dtype} "
+    shape = reference.qweight_shape(n, layer.K, layer.bits)
+    if layer.qweight.dtype != np.int32 or layer.qweight.shape != shape:
+        fail(f"qweight must be int32 [ceil(N/16), 32*ceil(K/64)*bits] = {list(shape)}, got {layer.qweight.dtype} "
              f"{list(layer.qweight.shape)}")
     parts = (layer.sparse_indptr, layer.sparse_indices, layer.sparse_values)
     if any(p is not None for p in parts):

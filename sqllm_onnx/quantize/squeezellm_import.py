@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sqllm_onnx import reference
 from sqllm_onnx.op import PackedLinear
 from sqllm_onnx.quantize.checkpoint import CheckpointError, QuantizedModel, validate_layer
 
@@ -66,7 +67,9 @@ def convert_layer(name: str, sd: dict, lut_dtype: str | None = None) -> PackedLi
                               f"{bits}-bit codes")
     K = q.shape[0] * 32 // bits
     dtype = np.dtype(lut_dtype) if lut_dtype else (np.dtype(np.float16) if lut.dtype == np.float16 else np.dtype(np.float32))
-    layer = PackedLinear(qweight=np.ascontiguousarray(q.T), lut=np.ascontiguousarray(lut, dtype=dtype), bits=bits, K=K)
+    # q.T is our old row-major stream (one row of W per row); the op reads the tiled layout.
+    tiled = reference.pack_codes(reference.unpack_legacy_rows(np.ascontiguousarray(q.T), K, bits), bits)
+    layer = PackedLinear(qweight=tiled, lut=np.ascontiguousarray(lut, dtype=dtype), bits=bits, K=K)
 
     rows, cols, vals = (sd.get(f"{name}.{k}") for k in ("rows", "cols", "vals"))
     entries_r, entries_c, entries_v = [], [], []

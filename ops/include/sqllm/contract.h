@@ -31,14 +31,16 @@ struct TensorDesc {
 struct Problem {
   int64_t M = 0, K = 0, N = 0;
   int bits = 0;
-  int64_t words = 0;  // int32 words per qweight row
+  int64_t words = 0;  // int32 words per qweight row (= per 16-row tile, sqllm/layout.h)
   int64_t nnz = 0;
   bool has_sparse = false, has_bias = false;
   int elem_type = 0;  // T
   std::vector<int64_t> y_shape;
 };
 
-inline int64_t WordsPerRow(int64_t K, int64_t bits) { return (K * bits + 31) / 32; }
+// Words per 16-row tile of W: the second dimension of qweight (sqllm/layout.h).
+inline int64_t WordsPerTile(int64_t K, int64_t bits) { return 32 * ((K + 63) / 64) * bits; }
+inline int64_t TileCount(int64_t N) { return (N + 15) / 16; }
 
 // "" when attributes are valid.
 std::string CheckAttributes(const Attributes& attrs);
