@@ -123,7 +123,20 @@ SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint
     const uint8_t* unit = tile + u * kUnitBytes;
     for (int64_t off = 0; off < kUnitBytes; off += 64)
       _mm_prefetch(reinterpret_cast<const char*>(unit + 2 * kUnitBytes + off), _MM_HINT_T0);
-    const int8_t* a = plan.a.data() + u * 2 * kUnit;  // row m at + m * units * 2 * kUnit
+    // this unit's A, shared by the 16 rows: qa then qr, 4 vectors each, per row m of A
+    __m512i qa[M][4], qr[M][4];
+    __m512 sa[M], sr[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const int8_t* am = plan.a.data() + (m * plan.units + u) * 2 * kUnit;
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        qa[m][v] = _mm512_loadu_si512(am + 64 * v);
+        qr[m][v] = _mm512_loadu_si512(am + kUnit + 64 * v);
+      }
+      sa[m] = _mm512_set1_ps(plan.scale[m * plan.units + u]);
+      sr[m] = _mm512_set1_ps(plan.scale[m * plan.units + u] / 127.f);
+    }
     for (int r = 0; r < rows; ++r) {
       const int g = r & 7, h = r >> 3;
       const uint8_t* base = unit + (BITS == 4 ? 2 * h : h) * 512 + 64 * g;  // the row's first quad
@@ -135,21 +148,22 @@ SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint
         w[2] = _mm512_shuffle_epi8(table[r], _mm512_and_si512(c1, nibble));
         w[3] = _mm512_shuffle_epi8(table[r], _mm512_and_si512(_mm512_srli_epi16(c1, 4), nibble));
       } else {
+#pragma GCC unroll 4
         for (int v = 0; v < 4; ++v)
           w[v] = _mm512_permutexvar_epi8(
               _mm512_multishift_epi64_epi8(spread, _mm512_permutex2var_epi8(c0, gather[h][v], c1)), table[r]);
       }
+#pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
-        const int8_t* am = a + m * plan.units * 2 * kUnit;  // qa, then qr
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512(am));
-        __m512i res = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_loadu_si512(am + kUnit));
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], qa[m][0]);
+        __m512i res = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], qr[m][0]);
+#pragma GCC unroll 3
         for (int v = 1; v < 4; ++v) {
-          dot = _mm512_dpbusd_epi32(dot, w[v], _mm512_loadu_si512(am + 64 * v));
-          res = _mm512_dpbusd_epi32(res, w[v], _mm512_loadu_si512(am + kUnit + 64 * v));
+          dot = _mm512_dpbusd_epi32(dot, w[v], qa[m][v]);
+          res = _mm512_dpbusd_epi32(res, w[v], qr[m][v]);
         }
-        const float sa = plan.scale[m * plan.units + u];
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sa), acc[r][m]);
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(res), _mm512_set1_ps(sa / 127.f), acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sa[m], acc[r][m]);
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(res), sr[m], acc[r][m]);
       }
     }
   }
