@@ -13,9 +13,10 @@
 // the tiled layout (sqllm/layout.h), where a row's 256 codes of a full unit are 2 * bits 16-byte
 // vectors of its four lanes:
 //   4 bits: two 64-byte loads; nibbles by and/shift; vpshufb against the 16-entry u8 LUT.
-//   3 bits: two 64-byte loads; vpermi2b puts each run of 8 codes (3 bytes) into a qword;
-//           vpmultishiftqb spreads them to bytes (junk above bit 2); vpermb against the 8-entry
-//           LUT repeated 8 times (so the junk bits select the same entry).
+//   3 bits: two 64-byte loads; vpermi2b puts each run of 16 codes (6 bytes) into a qword (two
+//           permutes per row and unit); two vpmultishiftqb per permute spread codes 0-7 and 8-15
+//           of each run to bytes (junk above bit 2); vpermb against the 8-entry LUT repeated 8
+//           times (so the junk bits select the same entry).
 // The codes then come in a fixed order that depends only on k, so A is permuted into the same
 // order once per call (Int8Plan::a). The sparse part and bias stay exact (lut_matmul.cc), as does
 // the partial last unit of a tile (K % 256 != 0 with fewer than 4 groups). Accuracy contract:
@@ -48,7 +49,7 @@ constexpr int kUnit = layout::kUnitCodes;
 // Byte position P (0..63) of decoded vector v (0..3) of a row's unit -> k within the unit.
 struct Order {
   uint8_t k[4][64];
-  uint8_t gather3[2][4][64];  // 3 bits, row half h: vpermi2b indices into [A | B]
+  uint8_t gather3[2][2][64];  // 3 bits, row half h, permute G: vpermi2b indices into [A | B]
 };
 
 Order MakeOrder(int bits) {
@@ -62,23 +63,25 @@ Order MakeOrder(int bits) {
       if (bits == 4) {  // v = (chunk v >> 1, nibble v & 1); P = 16 t + byte y
         const int t = P >> 4, y = P & 15;
         o.k[v][P] = static_cast<uint8_t>(k_of(t, 32 * (v >> 1) + 2 * y + (v & 1)));
-      } else {  // v = lane t; P = 8 z + f: code f of the lane's z-th run of 8 codes
-        o.k[v][P] = static_cast<uint8_t>(k_of(v, P));
+      } else {  // v = 2 G + S; P = 8 z + f: qword z of permute G holds lane 2G + z / 4's run z % 4 of
+                // 16 codes, and multishift S takes codes 8 S .. 8 S + 7 of it
+        const int z = P >> 3, f = P & 7, G = v >> 1, S = v & 1;
+        o.k[v][P] = static_cast<uint8_t>(k_of(2 * G + (z >> 2), 16 * (z & 3) + 8 * S + f));
       }
     }
   if (bits == 3)
     for (int h = 0; h < 2; ++h)
-      for (int v = 0; v < 4; ++v)
+      for (int G = 0; G < 2; ++G)
         for (int P = 0; P < 64; ++P) {
-          // qword z of vector v holds stream bytes 3z .. 3z + 3 of lane t = v (row half h); byte b of
-          // the lane's 24 row-h bytes is lane-local word 6h + b / 4 = quad (6h + b / 4) / 4.
-          const int z = P >> 3, f = P & 7;
-          const int b = 3 * z + f;
-          if (f > 3 || b >= 24) continue;  // unused by the multishift
+          // qword z of permute G holds stream bytes 6 (z % 4) .. + 6 of lane t = 2G + z / 4 (row half
+          // h); byte b of the lane's 24 row-h bytes is lane-local word 6h + b / 4 = quad (6h + b / 4) / 4.
+          const int z = P >> 3, y = P & 7;
+          const int t = 2 * G + (z >> 2), b = 6 * (z & 3) + y;
+          if (y > 6 || b >= 24) continue;  // not read by the multishifts
           const int word = 6 * h + b / 4;
           const int quad = word / 4 - h;     // 0: A (quad h), 1: B (quad h + 1)
-          const int pos = 16 * v + 4 * (word % 4) + b % 4;
-          o.gather3[h][v][P] = static_cast<uint8_t>(64 * quad + pos);
+          const int pos = 16 * t + 4 * (word % 4) + b % 4;
+          o.gather3[h][G][P] = static_cast<uint8_t>(64 * quad + pos);
         }
   return o;
 }
@@ -100,7 +103,7 @@ template <int BITS, int M>
 SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint8_t (*qlut)[16], const Int8Plan& plan,
                         float (*sums)[8]) {
   const Order& order = OrderFor(BITS);
-  __m512i table[16], gather[2][4];
+  __m512i table[16], gather[2][2];
   for (int r = 0; r < rows; ++r) {
     if constexpr (BITS == 4) {
       table[r] = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qlut[r])));
@@ -112,9 +115,10 @@ SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint
   }
   if constexpr (BITS == 3)
     for (int h = 0; h < 2; ++h)
-      for (int v = 0; v < 4; ++v) gather[h][v] = _mm512_loadu_si512(order.gather3[h][v]);
+      for (int G = 0; G < 2; ++G) gather[h][G] = _mm512_loadu_si512(order.gather3[h][G]);
   const __m512i nibble = _mm512_set1_epi8(0x0F);
-  const __m512i spread = _mm512_set1_epi64(0x15120F0C09060300LL);  // code f of a qword at bit 3 f
+  const __m512i spread0 = _mm512_set1_epi64(0x15120F0C09060300LL);  // code f of a qword at bit 3 f
+  const __m512i spread1 = _mm512_set1_epi64(0x2D2A2724211E1B18LL);  // code 8 + f at bit 24 + 3 f
   __m512 acc[16][M];
   for (int r = 0; r < rows; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
@@ -148,10 +152,12 @@ SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint
         w[2] = _mm512_shuffle_epi8(table[r], _mm512_and_si512(c1, nibble));
         w[3] = _mm512_shuffle_epi8(table[r], _mm512_and_si512(_mm512_srli_epi16(c1, 4), nibble));
       } else {
-#pragma GCC unroll 4
-        for (int v = 0; v < 4; ++v)
-          w[v] = _mm512_permutexvar_epi8(
-              _mm512_multishift_epi64_epi8(spread, _mm512_permutex2var_epi8(c0, gather[h][v], c1)), table[r]);
+#pragma GCC unroll 2
+        for (int G = 0; G < 2; ++G) {
+          const __m512i x = _mm512_permutex2var_epi8(c0, gather[h][G], c1);
+          w[2 * G] = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(spread0, x), table[r]);
+          w[2 * G + 1] = _mm512_permutexvar_epi8(_mm512_multishift_epi64_epi8(spread1, x), table[r]);
+        }
       }
 #pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
