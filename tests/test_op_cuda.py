@@ -474,7 +474,7 @@ def _with(name, value):
      r"attribute 'bits' must be one of 2, 3, 4, 8 \(got 5\)"),
     (lambda: _with("A", np.ones((2, ERR_K + 1), np.float32)), {}, r"input 'A' last dimension is 71 but attribute K is 70"),
     (lambda: _with("qweight", lambda f: f["qweight"][:, :-1]), {},
-     r"input 'qweight' must have shape \[N, ceil\(K\*bits/32\)\] = \[6, 7\], got \[6, 6\]"),
+     r"input 'qweight' must have shape \[ceil\(N/16\), 32\*ceil\(K/64\)\*bits\] = \[1, 192\], got \[1, 191\]"),
     (lambda: _with("qweight", lambda f: f["qweight"].astype(np.int64)), {}, r"input 'qweight' must be int32, got int64"),
     (lambda: _with("lut", np.ones((ERR_N, 16), np.float32)), {},
      r"input 'lut' must have shape \[N, 2\^bits\] = \[6, 8\], got \[6, 16\]"),
