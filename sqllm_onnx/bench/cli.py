@@ -17,7 +17,9 @@ def main(args, command: str) -> int:
     else:
         from sqllm_onnx.bench import decode as bench
         prog = "sqllm-onnx bench DIR"
-    parser = argparse.ArgumentParser(prog=prog, description=bench.__doc__.split("\n")[0])
+    from sqllm_onnx.cli import Parser
+
+    parser = Parser(prog=prog, description=bench.__doc__.split("\n")[0])
     if args.target != "kernel":
         parser.add_argument("model_dir", help="an exported folder")
     bench.add_arguments(parser)

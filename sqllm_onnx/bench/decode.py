@@ -259,10 +259,11 @@ def add_arguments(p) -> None:
 
 
 def main(args, command: str) -> int:
+    from sqllm_onnx import export_folder
+
     dirs = [Path(args.model_dir), *args.more_dirs]
     for d in dirs:
-        if not (d / "model.onnx").is_file():
-            raise SystemExit(f"{d} holds no model.onnx")
+        export_folder.inspect(d)
     if args.prompt_len < 1 or args.new_tokens < 1:
         raise SystemExit("--prompt-len and --new-tokens must be >= 1")
     if args.cuda_graph and args.provider != "cuda":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import onnx
 
+from sqllm_onnx import export_folder
 from sqllm_onnx.export import configs
 from sqllm_onnx.op import IR_VERSION
 
@@ -50,10 +51,13 @@ def quantize_ort_int4(src_dir: str | Path, out_dir: str | Path, algo: str = "rtn
         proto.ir_version = min(proto.ir_version, IR_VERSION)
         large = sum(len(t.raw_data) for t in proto.graph.initializer) > 1.8e9  # protobuf's 2 GB limit
         onnx.save(proto, str(staging / "model.onnx"), save_as_external_data=large, all_tensors_to_one_file=True,
-                  location="model.onnx.data")
+                  location="model.onnx_data")
         manifest = json.loads((src_dir / configs.MANIFEST).read_text()) if (src_dir / configs.MANIFEST).exists() else {}
         manifest["quantization"] = {"method": f"ort-matmulnbits-{algo}", "bits": bits, "block_size": block_size,
                                     "excluded": exclude, "seconds": round(time.time() - started, 1)}
+        files = [p for p in sorted(staging.iterdir()) if p.is_file()]  # this folder's files, not the source's
+        manifest.update(format=export_folder.FORMAT, files={p.name: p.stat().st_size for p in files},
+                        sha256={p.name: export_folder.sha256_file(p) for p in files})
         configs.write_json(staging / configs.MANIFEST, manifest)
         staging.rename(out_dir)
     except BaseException:

@@ -10,9 +10,11 @@ from sqllm_onnx import models
 
 def add_quant_arguments(p: argparse.ArgumentParser) -> None:
     """The quantization options shared by `export` and `demo`."""
-    p.add_argument("--model", default=None, help=f"local folder, hub id, or short name (default: {models.EMBEDDED}, "
-                   f"the embedded SmolLM2-135M; short names: {', '.join(sorted(models.SHORT_NAMES))}; "
+    p.add_argument("--model", default=models.EMBEDDED, help=f"local folder, hub id, or short name ({models.EMBEDDED} "
+                   f"is the embedded SmolLM2-135M; short names: {', '.join(sorted(models.SHORT_NAMES))}; "
                    "random:ARCH[-7b] for random weights, e.g. random:llama-7b)")
+    p.add_argument("--tokenizer", default=None, help="folder or hub id to take the tokenizer from, for a model "
+                   "folder saved without one (default: the model's own)")
     p.add_argument("--bits", type=int, default=3, help="code width: 3 or 4 (2 and 8 also work); "
                    "--method finequant: 4 or 8")
     p.add_argument("--sparsity", type=float, default=0.05, help="percent of weights kept sparse: 0.05 = 0.05%%, "
@@ -79,7 +81,8 @@ def _squeezellm_config(args, dtype: str):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_quant_arguments(p)
-    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (written atomically: nothing is left "
+                   "there if the export fails)")
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16",
                    help="activation/LUT dtype of the graph: fp16 for GPUs (default), fp32 for CPU deployment")
     p.add_argument("--from-checkpoint", type=Path, default=None,
@@ -93,16 +96,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args, command: str) -> int:
-    from sqllm_onnx.export.exporter import ExportError, export
-
     config = quant_config_from(args, args.dtype)
+    models.check_model_source(args.model, args.tokenizer)  # one line, before the heavy imports
+    from sqllm_onnx.export.exporter import export
+
     if args.method == "finequant" and args.from_checkpoint is not None:
         raise SystemExit("--from-checkpoint holds SqueezeLLM checkpoints; --method finequant needs none")
     if args.from_checkpoint is not None and not args.from_checkpoint.exists():
         raise SystemExit(f"--from-checkpoint {args.from_checkpoint} does not exist")
-    try:
-        export(args.out, config, args.model, dtype=args.dtype, from_checkpoint=args.from_checkpoint,
-               overwrite=args.overwrite, validate=not args.no_validate, graph=args.graph)
-    except (ExportError, models.ModelNotAvailable, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"export failed: {e}")
+    if args.out.exists() and not args.overwrite:
+        raise SystemExit(f"--out {args.out} already exists; pass --overwrite to replace it")
+    export(args.out, config, args.model, dtype=args.dtype, from_checkpoint=args.from_checkpoint,
+           overwrite=args.overwrite, validate=not args.no_validate, graph=args.graph, tokenizer=args.tokenizer)
     return 0

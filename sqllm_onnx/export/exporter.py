@@ -27,6 +27,7 @@ import numpy as np
 
 import sqllm_onnx
 from sqllm_onnx import models
+from sqllm_onnx.errors import UserError
 from sqllm_onnx.export import big_weights, configs, lean_graph, onnx_graph
 
 TASK = "text-generation-with-past"
@@ -35,20 +36,22 @@ MIN_OPSET = 17
 LARGE_MODEL_PARAMS = 3e9  # above this, load in fp16 instead of fp32
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError):
     pass
 
 
 def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | None = None, dtype: str = "fp16",
            from_checkpoint: str | Path | None = None, overwrite: bool = False, validate: bool = True,
-           progress: bool = True, log=print, graph: str | None = None) -> Path:
+           progress: bool = True, log=print, graph: str | None = None, tokenizer: str | None = None) -> Path:
     """Export `model_name_or_path` (default: the embedded SmolLM2-135M) into `out_dir`, quantized
     with `quant_config` or from the checkpoint `from_checkpoint`; with neither, unquantized (the
     baseline the quantized exports are compared with). `graph`: "lean" (fused ORT ops, see
-    lean_graph.py), "plain" (Optimum's graph as traced), or None: lean where supported."""
+    lean_graph.py), "plain" (Optimum's graph as traced), or None: lean where supported. `tokenizer`:
+    a folder or hub id to take the tokenizer from (a model folder saved without one)."""
+    out_dir = Path(out_dir).resolve()
+    models.check_model_source(model_name_or_path, tokenizer)  # before anything is written
     import torch
 
-    out_dir = Path(out_dir).resolve()
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if graph not in (None, *lean_graph.GRAPH_STYLES):
@@ -75,7 +78,7 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
         qmodel = load_checkpoint(from_checkpoint)
         log(f"loaded quantized checkpoint {from_checkpoint} ({len(qmodel.layers)} layers)")
     log(f"loading {model_name_or_path or models.EMBEDDED}")
-    model, tokenizer = models.load_model(model_name_or_path, dtype=_load_dtype(model_name_or_path))
+    model, tokenizer = models.load_model(model_name_or_path, dtype=_load_dtype(model_name_or_path), tokenizer=tokenizer)
     if nbits:
         from sqllm_onnx.export import nbits_linear
         from sqllm_onnx.finequant import quantize_model as finequant_model
@@ -235,7 +238,9 @@ def _validate(folder: Path, model, tokenizer, dtype: str) -> dict:
 
     ids = np.asarray(tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)
                      ["input_ids"][:16], dtype=np.int64)[None]
-    so = sqllm_onnx.register(ort.SessionOptions())
+    from sqllm_onnx.runtime.session import quiet
+
+    so = sqllm_onnx.register(quiet(ort.SessionOptions()))
     session = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
     feeds = decoder_feeds(session, ids)
     onnx_logits = session.run(["logits"], feeds)[0].astype(np.float64)
@@ -264,12 +269,16 @@ def decoder_feeds(session, ids: np.ndarray, past_length: int = 0) -> dict:
 
 
 def _manifest(qmodel, dtype, summary, check, folder: Path, seconds: float, graph_style: str = "plain") -> dict:
-    files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    from sqllm_onnx.export_folder import sha256_file
+
+    paths = [p for p in sorted(folder.iterdir()) if p.is_file()]
+    files = {p.name: p.stat().st_size for p in paths}  # checked when a folder is opened (cheap)
+    sha256 = {p.name: sha256_file(p) for p in paths}  # checked by `sqllm-onnx check DIR`
     return {"format": "sqllm-onnx export", "sqllm_onnx_version": sqllm_onnx.__version__,
             "op": {"domain": "sqllm", "op_type": "SqueezeMatMul", "opset": 1},
             "dtype": dtype, "task": TASK, "graph_style": graph_style,
             "quantization": qmodel.manifest if qmodel is not None else None, "graph": summary,
-            "validation": check, "files": files, "export_seconds": round(seconds, 1),
+            "validation": check, "files": files, "sha256": sha256, "export_seconds": round(seconds, 1),
             "peak_rss_gb": round(_peak_rss_gb(), 2)}
 
 

@@ -10,12 +10,19 @@ kmeans (per-row tables: exact weighted k-means, Lloyd, RTN), layer (one matrix),
 resume), checkpoint (files, apply), squeezellm_import (original SqueezeLLM .pt files), cli.
 """
 
-from sqllm_onnx.quantize.checkpoint import (CheckpointError, QuantizedModel, apply_to_model, load_checkpoint,
-                                            save_checkpoint)
-from sqllm_onnx.quantize.config import QuantConfig
-from sqllm_onnx.quantize.quantizer import quantize_model
-from sqllm_onnx.quantize.squeezellm_import import import_squeezellm
-from sqllm_onnx.quantize.targets import linear_layer_names
+import importlib
 
-__all__ = ["QuantConfig", "QuantizedModel", "CheckpointError", "quantize_model", "save_checkpoint",
-           "load_checkpoint", "apply_to_model", "linear_layer_names", "import_squeezellm"]
+# Lazy attributes (PEP 562): `from sqllm_onnx.quantize.config import ...` (the CLI's argument parser)
+# must not import torch through the quantizer.
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "QuantizedModel": "checkpoint", "apply_to_model": "checkpoint",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint", "QuantConfig": "config",
+    "quantize_model": "quantizer", "import_squeezellm": "squeezellm_import", "linear_layer_names": "targets",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"sqllm_onnx.quantize.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

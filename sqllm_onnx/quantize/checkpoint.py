@@ -10,7 +10,6 @@ Layout of `model.safetensors`: for each quantized module name NAME (as in `model
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from sqllm_onnx import reference
+from sqllm_onnx.export_folder import sha256_file
 from sqllm_onnx.op import PackedLinear
 
 FORMAT = "sqllm-onnx-quantized"
@@ -119,14 +119,6 @@ def validate_layer(name: str, layer: PackedLinear, N: int | None = None, lut_dty
 
 
 # ---- files -------------------------------------------------------------------------------------------
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def write_atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")

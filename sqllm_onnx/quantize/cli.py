@@ -35,9 +35,10 @@ def _positive(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    p.add_argument("--model", default=None, help="local folder, hub id or short name (default: smollm2-135m, "
+    p.add_argument("--model", default="smollm2-135m", help="local folder, hub id or short name (smollm2-135m is "
                    "the embedded SmolLM2-135M)")
+    p.add_argument("--tokenizer", default=None, help="folder or hub id to take the tokenizer from, for a model "
+                   "folder saved without one (default: the model's own)")
     p.add_argument("--out", required=True, help="checkpoint folder (created; an unfinished run in it resumes)")
     p.add_argument("--bits", type=int, default=3, choices=SUPPORTED_BITS, help="code width")
     p.add_argument("--sparsity", type=_percent, default=0.0,
@@ -115,6 +116,9 @@ def main(args, command: str) -> int:
                              kmeans_solver=args.kmeans_solver, outlier_rule=args.outlier_rule)
     except ValueError as e:
         return _error(str(e))
+    from sqllm_onnx.models import check_model_source, load_model
+
+    check_model_source(args.model, args.tokenizer)  # one line, before the heavy imports
     if config.device and config.device.startswith("cuda"):
         import torch
 
@@ -123,11 +127,10 @@ def main(args, command: str) -> int:
 
     import torch
 
-    from sqllm_onnx.models import load_model
     from sqllm_onnx.quantize import apply_to_model, quantize_model
     from sqllm_onnx.quantize.checkpoint import MANIFEST, write_atomic_json
 
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), tokenizer=args.tokenizer)
     windows = _eval_windows(args, tokenizer) if args.eval else None
     results = {}
     if args.eval_baseline:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,18 @@ import numpy as np
 FP16_LOSS_SCALE = 1024.0  # keeps fp16 gradients of small models above the subnormal range
 
 
+SAVE_EVERY_S = float(os.environ.get("SQLLM_FISHER_SAVE_S", "120"))  # progress saves of an interruptible pass
+
+
 def compute_fisher(model, windows: np.ndarray, layer_names: list[str], device: str | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, progress_file: str | Path | None = None, meta: dict | None = None) -> dict:
     """Fisher buffers {layer name: fp32 tensor [N, K] on the CPU} over the token windows [S, L].
 
     The model runs on `device` (default: where it is) and is put back where it was; its parameters'
-    `requires_grad` flags are restored afterwards.
+    `requires_grad` flags are restored afterwards. With `progress_file`, the partial sums and the
+    number of samples they cover are saved there (atomically) every SAVE_EVERY_S seconds, and a pass
+    that finds that file for the same `meta` continues after its samples: the sums are the same fp32
+    numbers, added in the same order, as an uninterrupted pass gives.
     """
     import torch
     from tqdm.auto import tqdm
@@ -39,6 +46,11 @@ def compute_fisher(model, windows: np.ndarray, layer_names: list[str], device: s
     was_training = model.training
     modules = {name: model.get_submodule(name) for name in layer_names}
     fisher = {name: torch.zeros(m.weight.shape, dtype=torch.float32, device=device) for name, m in modules.items()}
+    done = 0
+    if progress_file is not None and Path(progress_file).is_file():
+        saved, done = load_progress(progress_file, meta, layer_names)
+        for name, buf in saved.items():
+            fisher[name].copy_(buf)
     scale = FP16_LOSS_SCALE if params[0].dtype == torch.float16 else 1.0
     hooks = []
     try:
@@ -59,14 +71,21 @@ def compute_fisher(model, windows: np.ndarray, layer_names: list[str], device: s
 
             hooks.append(w.register_post_accumulate_grad_hook(accumulate))
         skipped = 0
-        for row in tqdm(windows, desc="calibration (Fisher)", unit="sample", disable=not progress):
-            ids = torch.as_tensor(row[None], device=device)
+        last_save = time.monotonic()
+        bar = tqdm(total=len(windows), initial=done, desc="calibration (Fisher)", unit="sample", disable=not progress)
+        for i in range(done, len(windows)):
+            ids = torch.as_tensor(windows[i][None], device=device)
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             if not torch.isfinite(loss):
                 skipped += 1
-                continue
-            (loss * scale).backward()
-        if skipped == len(windows):
+            else:
+                (loss * scale).backward()
+            bar.update(1)
+            if progress_file is not None and i + 1 < len(windows) and time.monotonic() - last_save > SAVE_EVERY_S:
+                save_progress(fisher, i + 1, progress_file, meta)
+                last_save = time.monotonic()
+        bar.close()
+        if skipped == len(windows) - done and done == 0:
             raise RuntimeError("every calibration sample gave a non-finite loss; check the model and its dtype")
     finally:
         for h in hooks:
@@ -81,6 +100,21 @@ def compute_fisher(model, windows: np.ndarray, layer_names: list[str], device: s
             raise RuntimeError(f"the Fisher of {name} is not finite (gradient overflow?); use a float32 or "
                                "bfloat16 model for calibration")
     return {name: buf.cpu() for name, buf in fisher.items()}
+
+
+def save_progress(fisher: dict, samples_done: int, path: str | Path, meta: dict | None) -> None:
+    save_fisher({k: v.cpu() for k, v in fisher.items()}, path, {"pass": meta, "samples_done": samples_done})
+
+
+def load_progress(path: str | Path, meta: dict | None, layer_names) -> tuple[dict, int]:
+    """(partial sums, samples they cover) of a pass interrupted after `save_progress`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        saved = json.loads((f.metadata() or {}).get("sqllm_onnx_fisher", "null")) or {}
+    if saved.get("pass") != json.loads(json.dumps(meta, sort_keys=True)):
+        raise ValueError(f"{path} holds the partial Fisher of another calibration; delete it to start over")
+    return load_fisher(path, {"pass": meta, "samples_done": saved["samples_done"]}, layer_names), int(saved["samples_done"])
 
 
 def windows_digest(windows: np.ndarray) -> str:

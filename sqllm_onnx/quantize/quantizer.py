@@ -54,7 +54,8 @@ def _model_config(model) -> dict | None:
 
 
 def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | Path | None = None,
-                   progress: bool = True, *, fisher=None, fisher_cache: str | Path | None = None) -> QuantizedModel:
+                   progress: bool = True, *, fisher=None, fisher_cache: str | Path | None = None,
+                   log=None) -> QuantizedModel:
     """Quantize every linear layer of `model` (see `linear_layer_names`) with `config`.
 
     The model is not modified (use `apply_to_model`). `fisher` may give precomputed Fisher buffers
@@ -68,6 +69,7 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
     from sqllm_onnx import __version__
 
     config.validate()
+    log = log or (print if progress else (lambda *a: None))
     t_start = time.perf_counter()
     device = config.resolved_device()
     names = linear_layer_names(model, config.quantize_lm_head)
@@ -95,6 +97,13 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
             (partial / "layers").mkdir(parents=True, exist_ok=True)
             ckpt.write_atomic_json(run_file, run_id)
 
+    if partial is not None:  # say at once what an earlier, interrupted run left
+        done = sum(_layer_file(partial, n).is_file() for n in names)
+        fisher_saved = (partial / "fisher.safetensors").is_file() or (partial / "fisher-progress.safetensors").is_file()
+        if done or fisher_saved:
+            log(f"resuming the run in {partial}: {done} of {len(names)} layers already quantized"
+                + (", Fisher saved" if fisher_saved else ""))
+
     # ---- sensitivity ------------------------------------------------------------------------------
     calib = None
     fisher_s = 0.0
@@ -112,22 +121,28 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
             todo = [n for n in names if partial is None or not _layer_file(partial, n).is_file()]
             caches = [c for c in (in_partial, fisher_cache) if c is not None]
             F, calib = sensitivity(model, tokenizer, config, names, caches=caches, device=device,
-                                   progress=progress, compute=bool(todo), model_id=model_id)
+                                   progress=progress, compute=bool(todo), model_id=model_id,
+                                   progress_file=partial / "fisher-progress.safetensors" if partial else None)
         if in_partial is not None and F and not in_partial.is_file():
             fisher_mod.save_fisher(F, in_partial, _fisher_meta(model_id, calib, names))
+        if partial is not None:  # superseded by the whole Fisher
+            (partial / "fisher-progress.safetensors").unlink(missing_ok=True)
         fisher_s = time.perf_counter() - t0
 
     # ---- layers -----------------------------------------------------------------------------------
     t1 = time.perf_counter()
     layers, stats, resumed = {}, {}, 0
-    bar = tqdm(names, desc="clustering", unit="layer", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name, refresh=False)
+    for name in names:  # the layers an earlier run finished: the bar starts after them
         file = _layer_file(partial, name) if partial is not None else None
         if file is not None and file.is_file():
             layers[name], stats[name] = _load_layer(file, name, config)
             resumed += 1
+    bar = tqdm(total=len(names), initial=resumed, desc="clustering", unit="layer", disable=not progress)
+    for name in names:
+        if name in layers:
             continue
+        bar.set_postfix_str(name, refresh=False)
+        file = _layer_file(partial, name) if partial is not None else None
         module = model.get_submodule(name)
         layer, st = quantize_weight(module.weight, F.get(name), config, bias=module.bias, name=name, device=device)
         layers[name], stats[name] = layer, st
@@ -135,6 +150,7 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
             ckpt.save_arrays_atomic(file, ckpt.layer_arrays(name, layer),
                                     {"stats": json.dumps(st), "bits": str(layer.bits), "K": str(layer.K)})
         F.pop(name, None)  # free the buffer as soon as its layer is done
+        bar.update(1)
     bar.close()
     clustering_s = time.perf_counter() - t1
 
@@ -184,7 +200,8 @@ def _fisher_meta(model_id: dict, calib: dict, names: list[str]) -> dict:
 
 
 def sensitivity(model, tokenizer, config: QuantConfig, names: list[str] | None = None, caches=(),
-                device: str | None = None, progress: bool = True, compute: bool = True, model_id=None):
+                device: str | None = None, progress: bool = True, compute: bool = True, model_id=None,
+                progress_file: Path | None = None):
     """Fisher buffers {name: fp32 [N, K]} of the layers (default: `linear_layer_names`) for the
     calibration of `config`, and the calibration's description. The first of `caches` (files) that
     holds the Fisher of this model and calibration is read; otherwise it is computed (unless
@@ -199,7 +216,7 @@ def sensitivity(model, tokenizer, config: QuantConfig, names: list[str] | None =
     if not compute:
         return {}, calib
     F = fisher_mod.compute_fisher(model, windows, names, device=device or config.resolved_device(),
-                                  progress=progress)
+                                  progress=progress, progress_file=progress_file, meta=meta)
     if caches and caches[-1] is not None:
         fisher_mod.save_fisher(F, caches[-1], meta)
     return F, calib

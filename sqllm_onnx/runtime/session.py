@@ -16,8 +16,18 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 def model_file(model_dir: str | Path) -> Path:
     path = Path(model_dir) / "model.onnx"
     if not path.is_file():
-        raise FileNotFoundError(f"{model_dir} holds no model.onnx (is it an sqllm-onnx export folder?)")
+        from sqllm_onnx.errors import UserError
+
+        raise UserError(f"{model_dir} holds no model.onnx (is it an sqllm-onnx export folder?)")
     return path
+
+
+def quiet(so: ort.SessionOptions) -> ort.SessionOptions:
+    """ONNX Runtime's own log at errors only (its shape-inference warnings about the fused contrib ops
+    carry nothing for a user), unless SQLLM_VERBOSE=1 (`sqllm-onnx --verbose`)."""
+    if os.environ.get("SQLLM_VERBOSE") != "1":
+        so.log_severity_level = 3
+    return so
 
 
 def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
@@ -28,7 +38,7 @@ def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
     if PROVIDERS[provider] not in ort.get_available_providers():
         raise RuntimeError(f"{PROVIDERS[provider]} is not available in this onnxruntime "
                            f"({ort.get_available_providers()}); install onnxruntime-gpu for --provider cuda")
-    so = ort.SessionOptions()
+    so = quiet(ort.SessionOptions())
     so.intra_op_num_threads = threads
     sqllm_onnx.register(so)
     if provider == "cuda":
@@ -41,7 +51,17 @@ def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
         providers = [(PROVIDERS["cuda"], provider_options or {}), PROVIDERS["cpu"]]
     else:
         providers = [PROVIDERS["cpu"]]
-    return ort.InferenceSession(str(model_file(model_dir)), so, providers=providers)
+    path = model_file(model_dir)
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as e:  # noqa: BLE001 - ORT's load errors (damaged protobuf, missing data) as one line
+        from sqllm_onnx.errors import UserError
+
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__).strip()
+        if first.startswith("[ONNXRuntimeError]"):
+            first = first.split(" : ", 3)[-1]
+        raise UserError(f"{path} cannot be loaded by onnxruntime ({first[:300]}): the folder may be damaged "
+                        f"(`sqllm-onnx check {model_dir}`)") from None
 
 
 class Decoder:
