@@ -144,7 +144,7 @@ def test_bad_invocations_fail_cleanly(fixtures, tmp_path, capsys, monkeypatch):
     roots = {p.parent for p in fixtures.values()}
     before = {r: _tree(r) for r in roots}
     rng = random.Random(12345)
-    seen = set()
+    seen, codes = set(), {}
     for i in range(CASES):
         out = str(work / f"out{i}")
         argv, what = _draw(rng, fixtures, out)
@@ -161,10 +161,12 @@ def test_bad_invocations_fail_cleanly(fixtures, tmp_path, capsys, monkeypatch):
         assert rc == 2 or what != "bad arguments" or "usage" not in err
         assert not Path(out).exists(), f"{what}: {argv} left {out} behind"
         seen.add(what)
+        codes[rc] = codes.get(rc, 0) + 1
     assert _tree(work) == set(), f"left in the working folder: {_tree(work)}"
     for r in roots:
         assert _tree(r) == before[r], f"the fixtures changed: {_tree(r) ^ before[r]}"
     assert len(seen) == 7
+    print(f"\nCLI fuzz: {CASES} bad invocations, exit status counts {dict(sorted(codes.items()))}")
 
 
 def test_argument_errors_exit_2_and_failures_exit_1(fixtures, capsys):

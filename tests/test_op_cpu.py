@@ -9,7 +9,7 @@ from sqllm_onnx import reference as ref
 from sqllm_onnx.op import IR_VERSION, make_model, make_node
 
 
-@pytest.mark.parametrize("kernel", ["exact", "auto"])
+@pytest.mark.parametrize("kernel", ["exact", "auto", "int8"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 @pytest.mark.parametrize("sparse,bias", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("bits", [3, 4])

@@ -101,7 +101,7 @@ inline float LutAt(const Args& args, int64_t i) {
 // dot products per vector (qa and qr) and two FMAs into acc[r][m] (fp32, 16 lanes).
 template <int BITS, int M>
 SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint8_t (*qlut)[16], const Int8Plan& plan,
-                        float (*sums)[8]) {
+                        int m0, float (*sums)[8]) {
   const Order& order = OrderFor(BITS);
   __m512i table[16], gather[2][2];
   for (int r = 0; r < rows; ++r) {
@@ -132,14 +132,14 @@ SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint
     __m512 sa[M], sr[M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const int8_t* am = plan.a.data() + (m * plan.units + u) * 2 * kUnit;
+      const int8_t* am = plan.a.data() + ((m0 + m) * plan.units + u) * 2 * kUnit;
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) {
         qa[m][v] = _mm512_loadu_si512(am + 64 * v);
         qr[m][v] = _mm512_loadu_si512(am + kUnit + 64 * v);
       }
-      sa[m] = _mm512_set1_ps(plan.scale[m * plan.units + u]);
-      sr[m] = _mm512_set1_ps(plan.scale[m * plan.units + u] / 127.f);
+      sa[m] = _mm512_set1_ps(plan.scale[(m0 + m) * plan.units + u]);
+      sr[m] = _mm512_set1_ps(plan.scale[(m0 + m) * plan.units + u] / 127.f);
     }
     for (int r = 0; r < rows; ++r) {
       const int g = r & 7, h = r >> 3;
@@ -177,18 +177,19 @@ SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint
     for (int m = 0; m < M; ++m) sums[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
+// Rows m0 .. m0 + M - 1 of A (M <= 8).
 template <int BITS>
 void TileDotM(int M, const uint8_t* tile, int rows, int64_t units, const uint8_t (*qlut)[16], const Int8Plan& plan,
-              float (*sums)[8]) {
+              int m0, float (*sums)[8]) {
   switch (M) {
-    case 1: return TileDot<BITS, 1>(tile, rows, units, qlut, plan, sums);
-    case 2: return TileDot<BITS, 2>(tile, rows, units, qlut, plan, sums);
-    case 3: return TileDot<BITS, 3>(tile, rows, units, qlut, plan, sums);
-    case 4: return TileDot<BITS, 4>(tile, rows, units, qlut, plan, sums);
-    case 5: return TileDot<BITS, 5>(tile, rows, units, qlut, plan, sums);
-    case 6: return TileDot<BITS, 6>(tile, rows, units, qlut, plan, sums);
-    case 7: return TileDot<BITS, 7>(tile, rows, units, qlut, plan, sums);
-    default: return TileDot<BITS, 8>(tile, rows, units, qlut, plan, sums);
+    case 1: return TileDot<BITS, 1>(tile, rows, units, qlut, plan, m0, sums);
+    case 2: return TileDot<BITS, 2>(tile, rows, units, qlut, plan, m0, sums);
+    case 3: return TileDot<BITS, 3>(tile, rows, units, qlut, plan, m0, sums);
+    case 4: return TileDot<BITS, 4>(tile, rows, units, qlut, plan, m0, sums);
+    case 5: return TileDot<BITS, 5>(tile, rows, units, qlut, plan, m0, sums);
+    case 6: return TileDot<BITS, 6>(tile, rows, units, qlut, plan, m0, sums);
+    case 7: return TileDot<BITS, 7>(tile, rows, units, qlut, plan, m0, sums);
+    default: return TileDot<BITS, 8>(tile, rows, units, qlut, plan, m0, sums);
   }
 }
 #endif
@@ -206,7 +207,8 @@ bool HasInt8Kernel() {
 }
 
 bool Int8Applies(const Problem& p, KernelChoice choice) {
-  return choice != KernelChoice::kExact && HasInt8Kernel() && (p.bits == 3 || p.bits == 4) && p.M <= 8;
+  if (choice == KernelChoice::kExact || !HasInt8Kernel() || (p.bits != 3 && p.bits != 4)) return false;
+  return p.M <= 8 || choice == KernelChoice::kInt8;  // kInt8: every M (to measure the path's accuracy)
 }
 
 bool PrepareInt8(const Problem& p, const float* a, Int8Plan* plan) {
@@ -272,12 +274,15 @@ bool Int8Tile(const Problem& p, const Args& args, const Int8Plan& plan, int64_t 
   }
   float sums[16][8];
   const auto* q = reinterpret_cast<const uint8_t*>(args.qweight + tile * p.words);
-  if (p.bits == 3)
-    TileDotM<3>(static_cast<int>(p.M), q, static_cast<int>(rows), plan.units, qlut, plan, sums);
-  else
-    TileDotM<4>(static_cast<int>(p.M), q, static_cast<int>(rows), plan.units, qlut, plan, sums);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t m = 0; m < p.M; ++m) acc[m * rows + r] += sw[r] * sums[r][m] + lo[r] * plan.base[m];
+  for (int64_t m0 = 0; m0 < p.M; m0 += 8) {  // 8 rows of A at a time (M > 8 only under SQLLM_CPU_KERNEL=int8)
+    const int mc = static_cast<int>(std::min<int64_t>(8, p.M - m0));
+    if (p.bits == 3)
+      TileDotM<3>(mc, q, static_cast<int>(rows), plan.units, qlut, plan, static_cast<int>(m0), sums);
+    else
+      TileDotM<4>(mc, q, static_cast<int>(rows), plan.units, qlut, plan, static_cast<int>(m0), sums);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t m = 0; m < mc; ++m) acc[(m0 + m) * rows + r] += sw[r] * sums[r][m] + lo[r] * plan.base[m0 + m];
+  }
   if (layout::PartialGroups(p.K)) ExactUnit(p, args, tile, rows, plan.units, acc);
   return true;
 #else

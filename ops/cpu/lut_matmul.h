@@ -27,9 +27,9 @@ struct ParallelFor {
   virtual ~ParallelFor() = default;
 };
 
-// Which path runs (lut_matmul.cc): the int8 path where it applies (bits 3/4, M <= 8, AVX-512 VBMI
-// + VNNI, finite A and LUT), else exact; kExact = always the exact fp32 path. kInt8 is kAuto (kept so
-// that SQLLM_CPU_KERNEL=int8 says what it asks for).
+// Which path runs (lut_matmul.cc): kAuto = the int8 path where it applies (bits 3/4, M <= 8, AVX-512
+// VBMI + VNNI, finite A and LUT), else exact; kExact = always the exact fp32 path; kInt8 = the int8
+// path at every M too (prefill included: for measuring what the int8 path does to a model).
 enum class KernelChoice { kAuto, kExact, kInt8 };
 // SQLLM_CPU_KERNEL=auto|exact|int8 (the kernel reads it when a session creates it).
 KernelChoice DefaultKernelChoice();
