@@ -56,27 +56,33 @@ std::string KernelBase::Init(const OrtKernelInfo* info) {
     }
   }
   if (auto err = CheckAttributes(attrs_); !err.empty()) return err;
+  if (auto err = ValidateConstantCsr(info); !err.empty()) return err;
+  return Prepare(info);
+}
 
-  // Constant CSR inputs (the exported case) are validated here, once, instead of on every run.
+const OrtValue* KernelBase::ConstantInput(const OrtKernelInfo* info, int i, TensorDesc* desc) {
   size_t count = 0;
-  if (auto err = Consume(Api().KernelInfo_GetInputCount(info, &count)); !err.empty()) return err;
-  if (count <= kIndices) return "";
-  const OrtValue* csr[2] = {};
-  for (int i : {kIndptr, kIndices}) {
-    int is_constant = 0;
-    if (Consume(Api().KernelInfoGetConstantInput_tensor(info, i, &is_constant, &csr[i - kIndptr])).size() ||
-        !is_constant || !csr[i - kIndptr])
-      return "";
-  }
+  if (Consume(Api().KernelInfo_GetInputCount(info, &count)).size() || static_cast<size_t>(i) >= count) return nullptr;
+  int is_constant = 0;
+  const OrtValue* value = nullptr;
+  if (Consume(Api().KernelInfoGetConstantInput_tensor(info, i, &is_constant, &value)).size() || !is_constant || !value)
+    return nullptr;
+  return Describe(value, desc).empty() ? value : nullptr;
+}
+
+std::string KernelBase::ValidateConstantCsr(const OrtKernelInfo* info) {
+  // Constant CSR inputs (the exported case) are validated here, once, instead of on every run.
   TensorDesc dp, di;
-  if (auto err = Describe(csr[0], &dp) + Describe(csr[1], &di); !err.empty()) return err;
+  const OrtValue* indptr_value = ConstantInput(info, kIndptr, &dp);
+  const OrtValue* indices_value = ConstantInput(info, kIndices, &di);
+  if (!indptr_value || !indices_value) return "";
   // Malformed shapes or types are reported by CheckInputs on the first run, with the same messages.
   if (dp.elem_type != kInt32 || di.elem_type != kInt32 || dp.shape != std::vector<int64_t>{attrs_.N + 1} ||
       di.shape.size() != 1)
     return "";
   std::vector<int32_t> indptr, indices;
-  if (auto err = ReadInt32(csr[0], nullptr, attrs_.N + 1, &indptr); !err.empty()) return err;
-  if (auto err = ReadInt32(csr[1], nullptr, di.shape[0], &indices); !err.empty()) return err;
+  if (auto err = ReadInt32(indptr_value, nullptr, attrs_.N + 1, &indptr); !err.empty()) return err;
+  if (auto err = ReadInt32(indices_value, nullptr, di.shape[0], &indices); !err.empty()) return err;
   if (auto err = CheckCsr(indptr.data(), indices.data(), attrs_.N, attrs_.K, di.shape[0]); !err.empty()) return err;
   csr_validated_ = true;
   return "";

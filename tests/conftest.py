@@ -91,19 +91,17 @@ def make_session(model, providers=("CPUExecutionProvider",), threads: int = 0, c
 
 def int8_error_bound(A: np.ndarray, layer: PackedLinear) -> np.ndarray:
     """The CPU int8 path's bound on |Y - Y_ref| beyond fp32/fp16 rounding (docs/op-spec.md): per row n
-    of W with LUT step sw = (max - min) / 255 and per unit u of 256 k with A step sa = max_u |A| / 127,
-    sum over the full units' k of  sw/2 |A_k| + sa/254 (|W_k| + sw/2)."""
+    of W with LUT step sw = (max - min) / 255 and per unit u of 256 k (the last one partial) with A
+    step sa = max_u |A| / 127, sum over k of  sw/2 |A_k| + sa/254 (|W_k| + sw/2)."""
     K = layer.K
-    units = (-(-K // 64)) // 4  # full units; the partial last unit is exact
-    kk = min(K, 256 * units)
-    a = np.abs(A.reshape(-1, K).astype(np.float64))[:, :kk]
+    a = np.abs(A.reshape(-1, K).astype(np.float64))
     lut = layer.lut.astype(np.float64)
     sw = (lut.max(axis=1) - lut.min(axis=1)) / 255  # [N]
-    codes = ref.unpack_codes(layer.qweight, K, layer.bits, layer.N)[:, :kk]
-    w = np.abs(np.take_along_axis(lut, codes.astype(np.int64), axis=1))  # [N, kk]
-    pad = (-kk) % 256
+    codes = ref.unpack_codes(layer.qweight, K, layer.bits, layer.N)[:, :K]
+    w = np.abs(np.take_along_axis(lut, codes.astype(np.int64), axis=1))  # [N, K]
+    pad = (-K) % 256
     sa = np.pad(a, ((0, 0), (0, pad))).reshape(a.shape[0], -1, 256).max(axis=2) / 127  # [M, units]
-    sa_k = np.repeat(sa, 256, axis=1)[:, :kk]
+    sa_k = np.repeat(sa, 256, axis=1)[:, :K]
     bound = (a.sum(axis=1)[:, None] * sw[None, :] / 2 + (sa_k / 254) @ (w + sw[:, None] / 2).T)
     return bound.reshape(*A.shape[:-1], layer.N)
 

@@ -25,6 +25,28 @@ def test_random_shapes_match_reference(M, bits, sparse, bias, dtype, kernel):
     assert_matches_reference(y, reference_output(A, layer), A, layer, int8=int8_applies(M, bits, kernel))
 
 
+@pytest.mark.parametrize("lut_source", ["initializer", "input"])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_int8_path_every_partial_unit(bits, lut_source):
+    """Every shape of the partial last unit (0 to 3 groups of 64, K padded or not) at M = 1 .. 8, with
+    the LUT quantized once per session (an initializer) or on every call (a graph input)."""
+    rng = np.random.default_rng(bits)
+    for K in (256, 64, 128, 192, 576, 960, 1000, 1536 + 64 * 3 - 5):
+        N = int(rng.integers(1, 40))
+        layer = random_layer(rng, K, N, bits)
+        model = make_model(layer)
+        if lut_source == "input":
+            lut = next(t for t in model.graph.initializer if t.name == "w.lut")
+            model.graph.initializer.remove(lut)
+            model.graph.input.append(helper.make_tensor_value_info("w.lut", TensorProto.FLOAT, [N, 1 << bits]))
+        session = make_session(model, cpu_kernel_choice="auto")
+        for M in (1, 2, 5, 8):
+            A = rng.standard_normal((M, K)).astype(np.float32)
+            feeds = {"A": A} if lut_source == "initializer" else {"A": A, "w.lut": layer.lut}
+            assert_matches_reference(session.run(None, feeds)[0], reference_output(A, layer), A, layer,
+                                     int8=int8_applies(M, bits, "auto"))
+
+
 @pytest.mark.parametrize("bits", [2, 8])
 @pytest.mark.parametrize("M", [1, 5])
 def test_other_bit_widths(bits, M):

@@ -30,6 +30,26 @@ class OrtParallelFor : public cpu::ParallelFor {
 
 CpuKernel::CpuKernel() : choice_(static_cast<int>(cpu::DefaultKernelChoice())) {}
 
+std::string CpuKernel::Prepare(const OrtKernelInfo* info) {
+  if (static_cast<cpu::KernelChoice>(choice_) == cpu::KernelChoice::kExact || !cpu::HasInt8Kernel() ||
+      (attrs_.bits != 3 && attrs_.bits != 4))
+    return "";
+  TensorDesc desc;
+  const OrtValue* lut = ConstantInput(info, kLut, &desc);
+  // A LUT of another type or shape is left to CheckInputs, which reports it on the first run.
+  if (!lut || (desc.elem_type != kFloat32 && desc.elem_type != kFloat16) ||
+      desc.shape != std::vector<int64_t>{attrs_.N, int64_t{1} << attrs_.bits})
+    return "";
+  void* data = nullptr;
+  if (OrtStatus* s = Ort::GetApi().GetTensorMutableData(const_cast<OrtValue*>(lut), &data)) {
+    Ort::GetApi().ReleaseStatus(s);
+    return "";
+  }
+  cpu::QuantizeAllLuts(data, desc.elem_type == kFloat16, static_cast<int>(attrs_.bits), attrs_.N, &int8_luts_);
+  have_int8_luts_ = true;
+  return "";
+}
+
 std::string CpuKernel::ReadInt32(const OrtValue* value, OrtKernelContext*, int64_t count, std::vector<int32_t>* out) {
   void* data = nullptr;
   if (OrtStatus* s = Ort::GetApi().GetTensorMutableData(const_cast<OrtValue*>(value), &data)) {
@@ -61,6 +81,7 @@ std::string CpuKernel::Run(OrtKernelContext* context, const Problem& p, const In
   args.values = in.Data(kValues);
   args.bias = in.Data(kBias);
   args.y = y;
+  args.int8_luts = have_int8_luts_ ? &int8_luts_ : nullptr;
   cpu::LutMatmul(p, args, OrtParallelFor(context), static_cast<cpu::KernelChoice>(choice_));
   return "";
 }

@@ -1,26 +1,27 @@
 // The int8 path of the CPU LUT matmul: bits 3 and 4, M <= 8, x86-64 with AVX-512 VBMI + VNNI.
 //
 // Why: the exact path spends a gather per code; here a code costs a fraction of one instruction.
-// Per row of W, the LUT is quantized to unsigned 8 bits (lut ~= lo + sw * q, q in [0, 255]); per
-// row of A and unit of 256 k, A is quantized to int8 plus an int8 residual,
+// Per row of W, the LUT is quantized to unsigned 8 bits (lut ~= lo + sw * q, q in [0, 255]: once
+// per session when the LUT is constant); per row of A and unit of 256 k, A is quantized to int8
+// plus an int8 residual,
 //     a ~= sa * (qa + qr / 127)        (|a / sa - qa| <= 1/2, so qr lies in [-64, 64]),
 // because int8 alone costs ~1% relative error on Gaussian activations and ~3% with outlier
 // channels, the residual brings that under 3e-4, and the u8 LUT's ~3e-3 is what remains. Then
 //     sum_k lut[c_k] a_k ~= sw * sum_units sa * (sum_k q[c_k] qa_k + sum_k q[c_k] qr_k / 127)
 //                           + lo * sum_units sa * sum_k (qa_k + qr_k / 127)
 // where the inner sums are exact int32 VNNI dot products (vpdpbusd: u8 x s8, 4 products per lane)
-// and the last term is one number per row of A (Int8Plan::base). Decoding, per row and unit, from
-// the tiled layout (sqllm/layout.h), where a row's 256 codes of a full unit are 2 * bits 16-byte
-// vectors of its four lanes:
-//   4 bits: two 64-byte loads; nibbles by and/shift; vpshufb against the 16-entry u8 LUT.
-//   3 bits: two 64-byte loads; vpermi2b puts each run of 16 codes (6 bytes) into a qword (two
-//           permutes per row and unit); two vpmultishiftqb per permute spread codes 0-7 and 8-15
-//           of each run to bytes (junk above bit 2); vpermb against the 8-entry LUT repeated 8
-//           times (so the junk bits select the same entry).
+// and the last term is one number per row of A (Int8Plan::base). Decoding, from the tiled layout
+// (sqllm/layout.h):
+//  - a full unit, per row: the row's 256 codes are 2 * bits 16-byte vectors of its four lanes.
+//    4 bits: two 64-byte loads; nibbles by and/shift; vpshufb against the 16-entry u8 LUT.
+//    3 bits: two 64-byte loads; vpermi2b puts each run of 16 codes (6 bytes) into a qword (two
+//    permutes per row and unit); two vpmultishiftqb per permute spread codes 0-7 and 8-15 of each
+//    run to bytes (junk above bit 2); vpermb against the 8-entry LUT repeated 8 times (so the junk
+//    bits select the same entry).
+//  - the partial last unit (K % 256 != 0), per tile: see PartialProgram.
 // The codes then come in a fixed order that depends only on k, so A is permuted into the same
-// order once per call (Int8Plan::a). The sparse part and bias stay exact (lut_matmul.cc), as does
-// the partial last unit of a tile (K % 256 != 0 with fewer than 4 groups). Accuracy contract:
-// docs/op-spec.md ("CPU int8 path").
+// order once per call (Int8Plan::a). The sparse part and bias stay exact (lut_matmul.cc).
+// Accuracy contract: docs/op-spec.md ("CPU int8 path").
 #include "lut_int8.h"
 
 #include <algorithm>
@@ -38,7 +39,7 @@
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 #define SQLLM_INT8_X86 1
-#define SQLLM_VNNI __attribute__((target("avx512f,avx512bw,avx512vbmi,avx512vnni")))
+#define SQLLM_VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512vnni")))
 #endif
 
 namespace sqllm::cpu {
@@ -91,18 +92,70 @@ const Order& OrderFor(int bits) {
   return bits == 3 ? o3 : o4;
 }
 
-inline float LutAt(const Args& args, int64_t i) {
-  return args.half ? HalfToFloat(static_cast<const uint16_t*>(args.lut)[i]) : static_cast<const float*>(args.lut)[i];
+// The partial last unit of ng = 1..3 groups (layout.h): per lane ng * bits lane-local words at word
+// w * 32 + lane, so the 32 lanes' word w are 128 bytes, two vectors: z = 0 (lanes 0..15) and z = 1
+// (lanes 16..31), whose 128-bit lane gg holds the four lanes t of row g = 4 z + gg (and 8 + g). Per
+// lane, row half h holds 16 ng consecutive stream codes; they are decoded 8 at a time (a step):
+// unpacklo/hi_epi32 of words w and w + 1 makes, per lane t = 0, 1 (lo) or 2, 3 (hi), a qword that
+// holds the 8 codes, vpmultishiftqb takes them to bytes, an and drops the neighbours' bits and
+// vpshufb against the four rows' LUTs (one per 128-bit lane) gives u8 values. A step's A is the
+// same 16 bytes for every 128-bit lane, broadcast.
+struct PartialStep {
+  int w, hi, h;
+  uint64_t ctrl;  // vpmultishiftqb: bit offsets of the step's 8 codes in the qword of words (w, w + 1)
+  int k[16];      // k within the unit of byte P of a 128-bit lane (P / 8: lane t = 2 hi + P / 8)
+};
+
+struct PartialProgram {
+  int words = 0;
+  std::vector<PartialStep> steps;
+};
+
+PartialProgram MakeProgram(int bits, int ng) {
+  PartialProgram prog;
+  prog.words = ng * bits;
+  const int seg = 16 * ng;  // codes per lane and row half
+  for (int h = 0; h < 2; ++h)
+    for (int c0 = 0; c0 < seg; c0 += 8) {
+      const int w = (h * seg + c0) * bits / 32;  // the word holding the first code's first bit
+      uint64_t ctrl = 0;
+      for (int j = 0; j < 8; ++j) ctrl |= static_cast<uint64_t>((h * seg + c0 + j) * bits - 32 * w) << (8 * j);
+      for (int hi = 0; hi < 2; ++hi) {
+        PartialStep st{w, hi, h, ctrl, {}};
+        for (int P = 0; P < 16; ++P) {  // code c of the row half: group i, step s, j (layout.h)
+          const int t = 2 * hi + P / 8, c = c0 + P % 8;
+          const int i = c >> 4, s = (c >> 2) & 3, j = c & 3;
+          st.k[P] = 64 * i + 32 * (s >> 1) + 8 * t + 4 * (s & 1) + j;
+        }
+        prog.steps.push_back(st);
+      }
+    }
+  return prog;
+}
+
+const PartialProgram& ProgramFor(int bits, int ng) {
+  static const PartialProgram p[2][3] = {{MakeProgram(3, 1), MakeProgram(3, 2), MakeProgram(3, 3)},
+                                         {MakeProgram(4, 1), MakeProgram(4, 2), MakeProgram(4, 3)}};
+  return p[bits == 4][ng - 1];
+}
+
+int64_t PartialBytes(const Problem& p) {  // bytes of A per row for the partial unit (qa and qr per step)
+  const int ng = layout::PartialGroups(p.K);
+  return ng ? 32 * static_cast<int64_t>(ProgramFor(p.bits, ng).steps.size()) : 0;
 }
 
 #ifdef SQLLM_INT8_X86
-// A tile's rows, unit by unit (so that each unit's 512 * BITS bytes stream in order): per row and
-// full unit, decode its 256 codes into 4 vectors of u8 LUT values, then for each row m of A two
-// dot products per vector (qa and qr) and two FMAs into acc[r][m] (fp32, 16 lanes).
-template <int BITS, int M>
-SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint8_t (*qlut)[16], const Int8Plan& plan,
-                        int m0, float (*sums)[8]) {
+// The full units of a tile, unit by unit (so that each unit's 512 * BITS bytes stream in order,
+// prefetched two units ahead): per row and unit, decode the row's 256 codes into 4 vectors of u8
+// LUT values, then per row m of A two dot products per vector (qa and qr) and two FMAs into
+// acc[r][m] (fp32, 16 lanes). ROWS = 16 (a full tile: the row loop is unrolled, so addresses are
+// constants) or 0 (`rows` at run time, the last tile). sums[r][m] =.
+template <int BITS, int M, int ROWS>
+SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, const uint8_t (*qlut)[16], const Int8Plan& plan, int m0,
+                        float (*sums)[8]) {
+  if constexpr (ROWS) rows = ROWS;
   const Order& order = OrderFor(BITS);
+  const int64_t units = plan.full_units;
   __m512i table[16], gather[2][2];
   for (int r = 0; r < rows; ++r) {
     if constexpr (BITS == 4) {
@@ -132,7 +185,7 @@ SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint
     __m512 sa[M], sr[M];
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const int8_t* am = plan.a.data() + ((m0 + m) * plan.units + u) * 2 * kUnit;
+      const int8_t* am = plan.a.data() + (m0 + m) * plan.row_bytes + u * 2 * kUnit;
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) {
         qa[m][v] = _mm512_loadu_si512(am + 64 * v);
@@ -141,7 +194,8 @@ SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint
       sa[m] = _mm512_set1_ps(plan.scale[(m0 + m) * plan.units + u]);
       sr[m] = _mm512_set1_ps(plan.scale[(m0 + m) * plan.units + u] / 127.f);
     }
-    for (int r = 0; r < rows; ++r) {
+#pragma GCC unroll 16
+    for (int r = 0; r < (ROWS ? ROWS : rows); ++r) {
       const int g = r & 7, h = r >> 3;
       const uint8_t* base = unit + (BITS == 4 ? 2 * h : h) * 512 + 64 * g;  // the row's first quad
       const __m512i c0 = _mm512_loadu_si512(base), c1 = _mm512_loadu_si512(base + 512);
@@ -177,19 +231,137 @@ SQLLM_VNNI void TileDot(const uint8_t* tile, int rows, int64_t units, const uint
     for (int m = 0; m < M; ++m) sums[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-// Rows m0 .. m0 + M - 1 of A (M <= 8).
+// The partial last unit of a tile (PartialProgram): sums[r][m] +=.
+template <int BITS, int M>
+SQLLM_VNNI void PartialDot(const uint8_t* unit, const PartialProgram& prog, const uint8_t (*qlut)[16],
+                           const Int8Plan& plan, int m0, float (*sums)[8]) {
+  const __m512i keep = _mm512_set1_epi8(BITS == 4 ? 0x0F : 0x07);
+  const int64_t a_off = plan.full_units * 2 * kUnit;
+  float sa[M];
+  for (int m = 0; m < M; ++m) sa[m] = plan.scale[(m0 + m) * plan.units + plan.full_units];
+  for (int z = 0; z < 2; ++z) {
+    __m512i word[4 * 3 + 1];
+    for (int w = 0; w < prog.words; ++w) word[w] = _mm512_loadu_si512(unit + (w * 32 + 16 * z) * 4);
+    word[prog.words] = _mm512_setzero_si512();
+    // 128-bit lane gg of table[h]: the LUT of row 8 h + 4 z + gg (qlut rows are 16 bytes each)
+    const __m512i table[2] = {_mm512_loadu_si512(qlut[4 * z]), _mm512_loadu_si512(qlut[8 + 4 * z])};
+    __m512i dot[2][M], res[2][M];
+    for (int h = 0; h < 2; ++h)
+      for (int m = 0; m < M; ++m) dot[h][m] = res[h][m] = _mm512_setzero_si512();
+    for (size_t s = 0; s < prog.steps.size(); ++s) {
+      const PartialStep& st = prog.steps[s];
+      const __m512i x = st.hi ? _mm512_unpackhi_epi32(word[st.w], word[st.w + 1])
+                              : _mm512_unpacklo_epi32(word[st.w], word[st.w + 1]);
+      const __m512i codes = _mm512_and_si512(
+          _mm512_multishift_epi64_epi8(_mm512_set1_epi64(static_cast<long long>(st.ctrl)), x), keep);
+      const __m512i v = _mm512_shuffle_epi8(table[st.h], codes);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        const int8_t* am = plan.a.data() + (m0 + m) * plan.row_bytes + a_off + 32 * s;
+        const __m512i qa = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(am)));
+        const __m512i qr = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(am + 16)));
+        dot[st.h][m] = _mm512_dpbusd_epi32(dot[st.h][m], v, qa);
+        res[st.h][m] = _mm512_dpbusd_epi32(res[st.h][m], v, qr);
+      }
+    }
+    for (int h = 0; h < 2; ++h)
+      for (int m = 0; m < M; ++m) {
+        alignas(64) float f[16];
+        _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(res[h][m]), _mm512_set1_ps(sa[m] / 127.f),
+                                           _mm512_mul_ps(_mm512_cvtepi32_ps(dot[h][m]), _mm512_set1_ps(sa[m]))));
+        for (int gg = 0; gg < 4; ++gg)
+          sums[8 * h + 4 * z + gg][m] += (f[4 * gg] + f[4 * gg + 1]) + (f[4 * gg + 2] + f[4 * gg + 3]);
+      }
+  }
+}
+
+// Rows m0 .. m0 + M - 1 of A (M <= 8): sums[r][m] = the dense part of tile row r.
+template <int BITS, int M>
+void TileSums(const uint8_t* tile, int rows, const uint8_t (*qlut)[16], const Int8Plan& plan, int ng, int m0,
+              float (*sums)[8]) {
+  if (plan.full_units && rows == 16)
+    TileDot<BITS, M, 16>(tile, rows, qlut, plan, m0, sums);
+  else if (plan.full_units)
+    TileDot<BITS, M, 0>(tile, rows, qlut, plan, m0, sums);
+  else
+    std::memset(sums, 0, 16 * sizeof(*sums));
+  if (ng) PartialDot<BITS, M>(tile + plan.full_units * 512 * BITS, ProgramFor(BITS, ng), qlut, plan, m0, sums);
+}
+
 template <int BITS>
-void TileDotM(int M, const uint8_t* tile, int rows, int64_t units, const uint8_t (*qlut)[16], const Int8Plan& plan,
-              int m0, float (*sums)[8]) {
+void TileSumsM(int M, const uint8_t* tile, int rows, const uint8_t (*qlut)[16], const Int8Plan& plan, int ng, int m0,
+               float (*sums)[8]) {
   switch (M) {
-    case 1: return TileDot<BITS, 1>(tile, rows, units, qlut, plan, m0, sums);
-    case 2: return TileDot<BITS, 2>(tile, rows, units, qlut, plan, m0, sums);
-    case 3: return TileDot<BITS, 3>(tile, rows, units, qlut, plan, m0, sums);
-    case 4: return TileDot<BITS, 4>(tile, rows, units, qlut, plan, m0, sums);
-    case 5: return TileDot<BITS, 5>(tile, rows, units, qlut, plan, m0, sums);
-    case 6: return TileDot<BITS, 6>(tile, rows, units, qlut, plan, m0, sums);
-    case 7: return TileDot<BITS, 7>(tile, rows, units, qlut, plan, m0, sums);
-    default: return TileDot<BITS, 8>(tile, rows, units, qlut, plan, m0, sums);
+    case 1: return TileSums<BITS, 1>(tile, rows, qlut, plan, ng, m0, sums);
+    case 2: return TileSums<BITS, 2>(tile, rows, qlut, plan, ng, m0, sums);
+    case 3: return TileSums<BITS, 3>(tile, rows, qlut, plan, ng, m0, sums);
+    case 4: return TileSums<BITS, 4>(tile, rows, qlut, plan, ng, m0, sums);
+    case 5: return TileSums<BITS, 5>(tile, rows, qlut, plan, ng, m0, sums);
+    case 6: return TileSums<BITS, 6>(tile, rows, qlut, plan, ng, m0, sums);
+    case 7: return TileSums<BITS, 7>(tile, rows, qlut, plan, ng, m0, sums);
+    default: return TileSums<BITS, 8>(tile, rows, qlut, plan, ng, m0, sums);
+  }
+}
+
+// LUT rows [n0, n0 + rows) to u8 over their range; false when one holds Inf or NaN.
+SQLLM_VNNI bool QuantizeLutRows(const void* lut, bool half, int bits, int64_t n0, int64_t rows, uint8_t (*q)[16],
+                                float* lo, float* step) {
+  const int entries = 1 << bits;
+  const __mmask16 mask = static_cast<__mmask16>((1u << entries) - 1u);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = (n0 + r) * entries;
+    const __m512 v = half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(lut) + i))
+                          : _mm512_maskz_loadu_ps(mask, static_cast<const float*>(lut) + i);
+    if (_mm512_mask_fpclass_ps_mask(mask, v, 0x99)) return false;  // QNaN, SNaN, +Inf, -Inf
+    const float l = _mm512_mask_reduce_min_ps(mask, v), hi = _mm512_mask_reduce_max_ps(mask, v);
+    const float inv = hi > l ? 255.f / (hi - l) : 0.f;
+    __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(l)), _mm512_set1_ps(inv)));
+    qi = _mm512_maskz_min_epi32(mask, _mm512_max_epi32(qi, _mm512_setzero_si512()), _mm512_set1_epi32(255));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q[r]), _mm512_cvtepi32_epi8(qi));
+    lo[r] = l;
+    step[r] = (hi - l) / 255.f;
+  }
+  return true;
+}
+
+// One unit of A (n <= 256 values; the rest of the unit is 0): qa, qr [256] and the unit's scale and
+// sum(qa + qr / 127); false when a value is Inf or NaN.
+SQLLM_VNNI bool QuantizeUnitA(const float* x, int64_t n, int8_t* qa, int8_t* qr, float* scale, double* sum) {
+  const auto mask = [n](int64_t i) {
+    return static_cast<__mmask16>(n - i >= 16 ? 0xFFFF : n > i ? (1u << (n - i)) - 1u : 0u);
+  };
+  __m512 amax = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_maskz_loadu_ps(mask(i), x + i);
+    if (_mm512_fpclass_ps_mask(v, 0x99)) return false;
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+  }
+  const float am = _mm512_reduce_max_ps(amax);
+  const __m512 inv = _mm512_set1_ps(am > 0.f ? 127.f / am : 0.f), lim = _mm512_set1_ps(127.f);
+  __m512i s = _mm512_setzero_si512(), rs = _mm512_setzero_si512();
+  for (int64_t i = 0; i < kUnit; i += 16) {
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(mask(i), x + i), inv),
+                                                 _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
+    const __m512 va = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512i a8 = _mm512_cvtps_epi32(va), r8 = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, va), lim));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qa + i), _mm512_cvtsepi32_epi8(a8));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i), _mm512_cvtsepi32_epi8(r8));
+    s = _mm512_add_epi32(s, a8);
+    rs = _mm512_add_epi32(rs, r8);
+  }
+  *scale = am / 127.f;
+  *sum = _mm512_reduce_add_epi32(s) + _mm512_reduce_add_epi32(rs) / 127.0;
+  return true;
+}
+
+// dst[64 v + P] = src[order.k[v][P]] for the 4 vectors of a full unit.
+SQLLM_VNNI void PermuteUnit(const int8_t* src, const Order& order, int8_t* dst) {
+  const __m512i q0 = _mm512_loadu_si512(src), q1 = _mm512_loadu_si512(src + 64);
+  const __m512i q2 = _mm512_loadu_si512(src + 128), q3 = _mm512_loadu_si512(src + 192);
+  for (int v = 0; v < 4; ++v) {
+    const __m512i idx = _mm512_loadu_si512(order.k[v]);
+    const __m512i lo = _mm512_permutex2var_epi8(q0, idx, q1), hi = _mm512_permutex2var_epi8(q2, idx, q3);
+    _mm512_storeu_si512(dst + 64 * v, _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hi));
   }
 }
 #endif
@@ -199,6 +371,7 @@ void TileDotM(int M, const uint8_t* tile, int rows, int64_t units, const uint8_t
 bool HasInt8Kernel() {
 #ifdef SQLLM_INT8_X86
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
   return has;
 #else
@@ -211,79 +384,93 @@ bool Int8Applies(const Problem& p, KernelChoice choice) {
   return p.M <= 8 || choice == KernelChoice::kInt8;  // kInt8: every M (to measure the path's accuracy)
 }
 
+void QuantizeAllLuts(const void* lut, bool half, int bits, int64_t N, Int8Luts* out) {
+#ifdef SQLLM_INT8_X86
+  const int64_t tiles = layout::Tiles(N);
+  out->q.assign(static_cast<size_t>(16 * tiles * 16), 0);
+  out->lo.assign(static_cast<size_t>(16 * tiles), 0.f);
+  out->step.assign(static_cast<size_t>(16 * tiles), 0.f);
+  out->tile_ok.assign(static_cast<size_t>(tiles), 1);
+  auto* q = reinterpret_cast<uint8_t(*)[16]>(out->q.data());
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t rows = std::min<int64_t>(16, N - 16 * t);
+    out->tile_ok[t] = QuantizeLutRows(lut, half, bits, 16 * t, rows, q + 16 * t, &out->lo[16 * t], &out->step[16 * t]);
+  }
+#else
+  (void)lut, (void)half, (void)bits, (void)N, (void)out;
+#endif
+}
+
 bool PrepareInt8(const Problem& p, const float* a, Int8Plan* plan) {
+#ifdef SQLLM_INT8_X86
   const Order& order = OrderFor(p.bits);
-  const int64_t units = layout::FullUnits(p.K);
-  plan->units = units;
-  plan->a.assign(static_cast<size_t>(p.M * units * 2 * kUnit), 0);
-  plan->scale.assign(static_cast<size_t>(p.M * units), 0.f);
+  const int ng = layout::PartialGroups(p.K);
+  plan->full_units = layout::FullUnits(p.K);
+  plan->units = plan->full_units + (ng ? 1 : 0);
+  plan->row_bytes = plan->full_units * 2 * kUnit + PartialBytes(p);
+  plan->a.assign(static_cast<size_t>(p.M * plan->row_bytes), 0);
+  plan->scale.assign(static_cast<size_t>(p.M * plan->units), 0.f);
   plan->base.assign(static_cast<size_t>(p.M), 0.f);
-  int8_t qa[kUnit], qr[kUnit];
+  alignas(64) int8_t qa[kUnit], qr[kUnit];
   for (int64_t m = 0; m < p.M; ++m) {
     const float* row = a + m * p.K;
+    int8_t* dst = plan->a.data() + m * plan->row_bytes;
     double base = 0;
-    for (int64_t u = 0; u < units; ++u) {
-      const int64_t k0 = u * kUnit, n = std::min<int64_t>(kUnit, p.K - k0);
-      float amax = 0.f;
-      for (int64_t k = 0; k < n; ++k) {
-        if (!std::isfinite(row[k0 + k])) return false;
-        amax = std::max(amax, std::fabs(row[k0 + k]));
+    for (int64_t u = 0; u < plan->units; ++u) {
+      double sum = 0;
+      float& scale = plan->scale[m * plan->units + u];
+      const int64_t k0 = u * kUnit;
+      if (!QuantizeUnitA(row + k0, std::min<int64_t>(kUnit, p.K - k0), qa, qr, &scale, &sum)) return false;
+      base += static_cast<double>(scale) * sum;
+      if (u < plan->full_units) {
+        PermuteUnit(qa, order, dst + u * 2 * kUnit);
+        PermuteUnit(qr, order, dst + u * 2 * kUnit + kUnit);
+      } else {  // the partial unit: 16 bytes of qa, then of qr, per step
+        const PartialProgram& prog = ProgramFor(p.bits, ng);
+        int8_t* part = dst + plan->full_units * 2 * kUnit;
+        for (size_t s = 0; s < prog.steps.size(); ++s)
+          for (int P = 0; P < 16; ++P) {
+            part[32 * s + P] = qa[prog.steps[s].k[P]];
+            part[32 * s + 16 + P] = qr[prog.steps[s].k[P]];
+          }
       }
-      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int sum = 0, rsum = 0;
-      for (int64_t k = 0; k < kUnit; ++k) {
-        const float x = k < n ? std::clamp(row[k0 + k] * inv, -127.f, 127.f) : 0.f;
-        const float xa = std::nearbyint(x);
-        qa[k] = static_cast<int8_t>(xa);
-        qr[k] = static_cast<int8_t>(std::nearbyint((x - xa) * 127.f));
-        sum += qa[k];
-        rsum += qr[k];
-      }
-      int8_t* dst = plan->a.data() + (m * units + u) * 2 * kUnit;
-      for (int v = 0; v < 4; ++v)
-        for (int P = 0; P < 64; ++P) {
-          dst[64 * v + P] = qa[order.k[v][P]];
-          dst[kUnit + 64 * v + P] = qr[order.k[v][P]];
-        }
-      plan->scale[m * units + u] = scale;
-      base += static_cast<double>(scale) * (sum + rsum / 127.0);
     }
     plan->base[m] = static_cast<float>(base);
   }
   return true;
+#else
+  (void)p, (void)a, (void)plan;
+  return false;
+#endif
 }
 
 bool Int8Tile(const Problem& p, const Args& args, const Int8Plan& plan, int64_t tile, int64_t rows, float* acc) {
 #ifdef SQLLM_INT8_X86
-  const int entries = 1 << p.bits;
-  float lut[16][16];
-  for (int64_t r = 0; r < rows; ++r)
-    for (int e = 0; e < entries; ++e) {
-      lut[r][e] = LutAt(args, (16 * tile + r) * entries + e);
-      if (!std::isfinite(lut[r][e])) return false;
-    }
-  uint8_t qlut[16][16] = {};
-  float lo[16], sw[16];
-  for (int64_t r = 0; r < rows; ++r) {
-    lo[r] = *std::min_element(lut[r], lut[r] + entries);
-    const float hi = *std::max_element(lut[r], lut[r] + entries);
-    sw[r] = (hi - lo[r]) / 255.f;
-    const float inv = hi > lo[r] ? 255.f / (hi - lo[r]) : 0.f;
-    for (int e = 0; e < entries; ++e)
-      qlut[r][e] = static_cast<uint8_t>(std::lrint(std::clamp((lut[r][e] - lo[r]) * inv, 0.f, 255.f)));
+  alignas(64) uint8_t local_q[16][16];
+  float local_lo[16], local_step[16];
+  const uint8_t (*qlut)[16] = local_q;
+  const float *lo = local_lo, *sw = local_step;
+  if (const Int8Luts* luts = args.int8_luts) {
+    if (!luts->tile_ok[tile]) return false;
+    qlut = reinterpret_cast<const uint8_t(*)[16]>(luts->q.data()) + 16 * tile;
+    lo = &luts->lo[16 * tile];
+    sw = &luts->step[16 * tile];
+  } else {
+    if (!QuantizeLutRows(args.lut, args.half, p.bits, 16 * tile, rows, local_q, local_lo, local_step)) return false;
+    std::memset(local_q[rows], 0, static_cast<size_t>(16 - rows) * 16);  // padding rows (read, never used)
   }
+  const int ng = layout::PartialGroups(p.K);
   float sums[16][8];
   const auto* q = reinterpret_cast<const uint8_t*>(args.qweight + tile * p.words);
   for (int64_t m0 = 0; m0 < p.M; m0 += 8) {  // 8 rows of A at a time (M > 8 only under SQLLM_CPU_KERNEL=int8)
     const int mc = static_cast<int>(std::min<int64_t>(8, p.M - m0));
     if (p.bits == 3)
-      TileDotM<3>(mc, q, static_cast<int>(rows), plan.units, qlut, plan, static_cast<int>(m0), sums);
+      TileSumsM<3>(mc, q, static_cast<int>(rows), qlut, plan, ng, static_cast<int>(m0), sums);
     else
-      TileDotM<4>(mc, q, static_cast<int>(rows), plan.units, qlut, plan, static_cast<int>(m0), sums);
+      TileSumsM<4>(mc, q, static_cast<int>(rows), qlut, plan, ng, static_cast<int>(m0), sums);
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t m = 0; m < mc; ++m) acc[(m0 + m) * rows + r] += sw[r] * sums[r][m] + lo[r] * plan.base[m0 + m];
+      for (int64_t m = 0; m < mc; ++m) acc[(m0 + m) * rows + r] = sw[r] * sums[r][m] + lo[r] * plan.base[m0 + m];
   }
-  if (layout::PartialGroups(p.K)) ExactUnit(p, args, tile, rows, plan.units, acc);
   return true;
 #else
   (void)p, (void)args, (void)plan, (void)tile, (void)rows, (void)acc;

@@ -19,10 +19,16 @@
 #include "sqllm/layout.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
+// GCC 12's AVX-512 headers trip -Wuninitialized inside their own intrinsics (_mm512_undefined_*).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #define SQLLM_X86 1
 #define SQLLM_AVX2 __attribute__((target("avx2,fma")))
 #define SQLLM_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
+#define SQLLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #endif
 
 namespace sqllm::cpu {
@@ -101,6 +107,12 @@ SQLLM_AVX2 void DotRowsAvx2(const float* a, const float* t, int64_t stride, int6
     for (int64_t k = full; k < n; ++k) tail += a[k] * t[r * stride + k];
     acc[r] += HorizontalSum(s) + tail;
   }
+}
+
+bool HasAvx512() {  // F, BW and VL (for the sparse part)
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return has;
 }
 
 bool HasAvx2() {  // with F16C, which every AVX2 CPU has
@@ -186,16 +198,6 @@ void ExactTile(const Problem& p, const Args& args, int64_t tile, int64_t rows, f
   for (int64_t u = 0; u < units; ++u) UnitProduct(p, args, tile, rows, u, luts, acc);
 }
 
-}  // namespace
-
-void ExactUnit(const Problem& p, const Args& args, int64_t tile, int64_t rows, int64_t unit, float* acc) {
-  TileLuts luts;
-  LoadTileLuts(p, args, tile, rows, &luts);
-  UnitProduct(p, args, tile, rows, unit, luts, acc);
-}
-
-namespace {
-
 struct Job {
   const Problem* p;
   const Args* args;
@@ -221,24 +223,70 @@ SQLLM_AVX2_F16C float SparseDotAvx2(const int32_t* indices, const void* values, 
 }
 #endif
 
-// Adds row n's sparse entries and bias to y[m] = acc[m * acc_stride] for m < M, then stores row n.
-void FinishRow(const Problem& p, const Args& args, int64_t n, float* acc, int64_t acc_stride) {
-  if (p.has_sparse) {
-    const int64_t j0 = args.indptr[n], j1 = args.indptr[n + 1];
+#ifdef SQLLM_X86
+// The same with AVX-512 (16 entries per masked gather, no scalar tail: rows hold a handful of entries).
+SQLLM_AVX512 float SparseDotAvx512(const int32_t* indices, const void* values, bool half, int64_t j0, int64_t j1,
+                                   const float* a) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t j = j0; j < j1; j += 16) {
+    const __mmask16 mask = static_cast<__mmask16>(j1 - j >= 16 ? 0xFFFF : (1u << (j1 - j)) - 1u);
+    const __m512i idx = _mm512_maskz_loadu_epi32(mask, indices + j);
+    const __m512 v = half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(values) + j))
+                          : _mm512_maskz_loadu_ps(mask, static_cast<const float*>(values) + j);
+    acc = _mm512_fmadd_ps(v, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, idx, a, 4), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// y[i] = half(v[i]) for i < n (F16C, round to nearest even as FloatToHalf).
+SQLLM_AVX2_F16C void StoreHalfF16c(uint16_t* y, const float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i), _mm256_cvtps_ph(_mm256_loadu_ps(v + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) y[i] = FloatToHalf(v[i]);
+}
+#endif
+
+float SparseDot(const Args& args, int64_t j0, int64_t j1, const float* a) {
+#ifdef SQLLM_X86
+  if (HasAvx512()) return SparseDotAvx512(args.indices, args.values, args.half, j0, j1, a);
+  if (HasAvx2()) return SparseDotAvx2(args.indices, args.values, args.half, j0, j1, a);
+#endif
+  float sum = 0.f;
+  for (int64_t j = j0; j < j1; ++j) sum += LoadT(args.values, j, args.half) * a[args.indices[j]];
+  return sum;
+}
+
+// Adds the sparse entries and bias of the tile's rows to acc[m * rows + r] and stores Y's rows.
+void FinishTile(const Problem& p, const Args& args, int64_t tile, int64_t rows, float* acc) {
+  const int64_t n0 = 16 * tile;
+  if (p.has_sparse)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t j0 = args.indptr[n0 + r], j1 = args.indptr[n0 + r + 1];
+      if (j0 == j1) continue;
+      for (int64_t m = 0; m < p.M; ++m) acc[m * rows + r] += SparseDot(args, j0, j1, args.a + m * p.K);
+    }
+  if (p.has_bias) {
+    float b[layout::kTileRows];
+    for (int64_t r = 0; r < rows; ++r) b[r] = LoadT(args.bias, n0 + r, args.half);
+    for (int64_t m = 0; m < p.M; ++m)
+      for (int64_t r = 0; r < rows; ++r) acc[m * rows + r] += b[r];
+  }
+  for (int64_t m = 0; m < p.M; ++m) {
+    const float* v = acc + m * rows;
+    if (!args.half) {
+      std::memcpy(static_cast<float*>(args.y) + m * p.N + n0, v, static_cast<size_t>(rows) * sizeof(float));
+      continue;
+    }
+    uint16_t* y = static_cast<uint16_t*>(args.y) + m * p.N + n0;
 #ifdef SQLLM_X86
     if (HasAvx2()) {
-      for (int64_t m = 0; m < p.M; ++m)
-        acc[m * acc_stride] += SparseDotAvx2(args.indices, args.values, args.half, j0, j1, args.a + m * p.K);
-    } else
+      StoreHalfF16c(y, v, rows);
+      continue;
+    }
 #endif
-      for (int64_t j = j0; j < j1; ++j) {
-        const float v = LoadT(args.values, j, args.half);
-        const float* a = args.a + args.indices[j];
-        for (int64_t m = 0; m < p.M; ++m) acc[m * acc_stride] += v * a[m * p.K];
-      }
+    for (int64_t r = 0; r < rows; ++r) y[r] = FloatToHalf(v[r]);
   }
-  const float b = p.has_bias ? LoadT(args.bias, n, args.half) : 0.f;
-  for (int64_t m = 0; m < p.M; ++m) StoreT(args.y, m * p.N + n, acc[m * acc_stride] + b, args.half);
 }
 
 void TileTask(void* data, size_t task) {
@@ -246,11 +294,14 @@ void TileTask(void* data, size_t task) {
   const Problem& p = *job.p;
   const int64_t tile = static_cast<int64_t>(task);
   const int64_t rows = std::min<int64_t>(layout::kTileRows, p.N - 16 * tile);
-  float small[8 * layout::kTileRows] = {};  // [M][rows]; the heap only for M > 8
-  std::vector<float> large(p.M > 8 ? static_cast<size_t>(p.M * rows) : 0, 0.f);
+  float small[8 * layout::kTileRows];  // [M][rows]; the heap only for M > 8
+  std::vector<float> large(p.M > 8 ? static_cast<size_t>(p.M * rows) : 0);
   float* acc = p.M > 8 ? large.data() : small;
-  if (!job.int8 || !Int8Tile(p, *job.args, *job.int8, tile, rows, acc)) ExactTile(p, *job.args, tile, rows, acc);
-  for (int64_t r = 0; r < rows; ++r) FinishRow(p, *job.args, 16 * tile + r, &acc[r], rows);
+  if (!job.int8 || !Int8Tile(p, *job.args, *job.int8, tile, rows, acc)) {
+    std::fill(acc, acc + p.M * rows, 0.f);
+    ExactTile(p, *job.args, tile, rows, acc);
+  }
+  FinishTile(p, *job.args, tile, rows, acc);
 }
 
 KernelChoice ChoiceFromEnv() {

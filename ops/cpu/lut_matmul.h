@@ -9,6 +9,8 @@
 
 namespace sqllm::cpu {
 
+struct Int8Luts;  // lut_int8.h
+
 struct Args {
   const float* a = nullptr;          // [M, K], fp32 (fp16 inputs are widened once per call)
   const uint32_t* qweight = nullptr;  // tiled, [ceil(N/16), words] (sqllm/layout.h)
@@ -19,6 +21,7 @@ struct Args {
   const void* bias = nullptr;        // T [N] or null
   void* y = nullptr;                 // T [M, N]
   bool half = false;                 // T is float16 (else float32)
+  const Int8Luts* int8_luts = nullptr;  // the LUT quantized for the int8 path once per session, or null
 };
 
 // Runs fn(data, i) for i in [0, total), possibly in parallel (ORT's intra-op pool).

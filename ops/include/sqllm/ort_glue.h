@@ -26,7 +26,7 @@ struct Inputs {
 class KernelBase {
  public:
   virtual ~KernelBase() = default;
-  // Reads attributes and validates constant CSR inputs; the message is "" on success.
+  // Reads attributes, validates constant CSR inputs and lets the kernel Prepare; "" on success.
   std::string Init(const OrtKernelInfo* info);
   OrtStatusPtr ComputeV2(OrtKernelContext* context) noexcept;
 
@@ -35,12 +35,17 @@ class KernelBase {
   virtual std::string ReadInt32(const OrtValue* value, OrtKernelContext* context, int64_t count,
                                 std::vector<int32_t>* out) = 0;
   virtual std::string Run(OrtKernelContext* context, const Problem& problem, const Inputs& in, void* y) = 0;
+  // Work done once per session from constant inputs (after the attributes are read); "" or an error.
+  virtual std::string Prepare(const OrtKernelInfo*) { return ""; }
+  // Input i when it is a constant initializer (else nullptr), with its type and shape in *desc.
+  static const OrtValue* ConstantInput(const OrtKernelInfo* info, int i, TensorDesc* desc);
 
   Attributes attrs_;
   bool csr_validated_ = false;  // constant CSR inputs already checked at session creation
 
  private:
   std::string ValidateCsr(const Inputs& in, const Problem& p, OrtKernelContext* context);
+  std::string ValidateConstantCsr(const OrtKernelInfo* info);
 };
 
 // The OrtCustomOp that creates Kernel for element type T (ONNX enum) on the given provider.
