@@ -45,6 +45,10 @@ if has ncu; then
     --section InstructionStats --section SourceCounters \
     -k regex:DecodeTc --launch-skip 3 --launch-count 1 "$BIN/$first" one 1 4096 11008 3 0 6 > "$OUT/ncu_3b.txt" 2>&1
   grep -E "Duration|DRAM Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy|Warp Cycles Per Issued|Executed Instructions  " "$OUT/ncu_3b.txt" | head -12
+  # every metric of the stall and shared-memory sections, raw (stall reasons per issued instruction)
+  ncu --clock-control none --section WarpStateStats --section MemoryWorkloadAnalysis_Tables --page raw \
+    -k regex:DecodeTc --launch-skip 3 --launch-count 1 "$BIN/$first" one 1 4096 11008 3 0 6 > "$OUT/ncu_3b_raw.txt" 2>&1
+  grep -E "issue_stalled|shared.*wavefronts|shared.*bank_conflict" "$OUT/ncu_3b_raw.txt" | awk '$NF+0 > 0.05' | head -40
 fi
 # everything in one file (a call returns at most 8 files)
 tar czf /tmp/decode_driver_logs.tgz -C "$OUT" . && find "$OUT" -maxdepth 1 -type f -delete && mv /tmp/decode_driver_logs.tgz "$OUT/logs.tgz"

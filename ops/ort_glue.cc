@@ -34,6 +34,8 @@ std::string Describe(const OrtValue* value, TensorDesc* desc) {
   return err;
 }
 
+std::atomic<int64_t> g_cpu_kernels{0}, g_cuda_kernels{0};
+
 }  // namespace
 
 OrtStatusPtr MakeStatus(const std::string& message, OrtErrorCode code) {
@@ -169,5 +171,10 @@ OrtStatusPtr InferSqueezeMatMulShape(OrtShapeInferContext* ctx) {
   if (y) api.ReleaseTensorTypeAndShapeInfo(y);
   return nullptr;  // `a` belongs to the context (as in ORT's own C++ wrapper): not released here
 }
+
+void CountKernel(const char* provider) {
+  (std::string(provider) == "CUDAExecutionProvider" ? g_cuda_kernels : g_cpu_kernels)++;
+}
+int64_t KernelCount(bool cuda) { return (cuda ? g_cuda_kernels : g_cpu_kernels).load(); }
 
 }  // namespace sqllm

@@ -62,6 +62,13 @@ SQLLM_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* option
 // The library version, for manifests and version-skew checks.
 SQLLM_EXPORT const char* SqllmOpsVersion() { return SQLLM_VERSION; }
 
+// Kernels created so far in this process, per execution provider (ORT creates a node's kernel when
+// a session is initialized): sqllm_onnx.runtime.session checks where ORT placed SqueezeMatMul.
+SQLLM_EXPORT void SqllmKernelCounts(int64_t* cpu, int64_t* cuda) {
+  *cpu = sqllm::KernelCount(false);
+  *cuda = sqllm::KernelCount(true);
+}
+
 // What this build holds, as JSON (sqllm_onnx.library_info()): the version, the ORT API version it
 // asks for, the CUDA architectures compiled in (empty without CUDA), and the CPU paths this CPU runs
 // (docs/op-spec.md: "int8-avx512-vnni" for bits 3/4 at M <= 8 where available, else exact).

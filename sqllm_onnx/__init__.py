@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "get_library_path", "library_info", "register"]
+__all__ = ["__version__", "cuda_probe", "get_library_path", "kernel_counts", "library_info", "register"]
 
 _LIBRARY_NAME = "libsqllm_ops.so"
 _ENV_OVERRIDE = "SQLLM_OPS_LIBRARY"
@@ -50,6 +50,33 @@ def library_info(path: str | None = None) -> dict:
         raise RuntimeError(f"{path or get_library_path()} predates SqllmLibraryInfo; rebuild it") from e
     fn.restype = ctypes.c_char_p
     return json.loads(fn().decode())
+
+
+def cuda_probe(path: str | None = None) -> dict:
+    """Whether the library's CUDA kernels can run on the current GPU (exported ``SqllmCudaProbe``):
+    ``{"devices", "name", "cc", "runs", "error"}``; ``{"devices": 0, "runs": False, "error": ...}``
+    for a library built without CUDA or a machine without a GPU."""
+    import ctypes
+    import json
+
+    lib = ctypes.CDLL(path or get_library_path())
+    fn = getattr(lib, "SqllmCudaProbe", None)
+    if fn is None:
+        return {"devices": 0, "runs": False, "error": "the library was built without CUDA kernels"}
+    fn.restype = ctypes.c_char_p
+    return json.loads(fn().decode())
+
+
+def kernel_counts() -> tuple[int, int]:
+    """(CPU, CUDA) SqueezeMatMul kernels the registered library has created in this process. ORT
+    creates a node's kernel when a session is initialized, so the difference across a session's
+    creation says which provider ORT gave the nodes."""
+    import ctypes
+
+    lib = ctypes.CDLL(get_library_path())  # the same handle ORT holds: dlopen of the same path
+    cpu, cuda = ctypes.c_int64(), ctypes.c_int64()
+    lib.SqllmKernelCounts(ctypes.byref(cpu), ctypes.byref(cuda))
+    return cpu.value, cuda.value
 
 
 def _search_folders() -> list[Path]:

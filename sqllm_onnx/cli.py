@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "bench": ("sqllm_onnx.bench.cli", "benchmarks: `bench kernel` (the op) or `bench DIR` (decoding)"),
     "generate": ("sqllm_onnx.runtime.generate", "generate text with an exported model"),
     "check": ("sqllm_onnx.export_folder", "check an exported folder against the sizes and hashes it was written with"),
+    "info": ("sqllm_onnx.info", "what the op library holds (CUDA architectures, CPU paths) and whether it runs here"),
     "demo": ("sqllm_onnx.demo", "export SmolLM2-135M (embedded) fp16 and quantized, evaluate and compare, offline"),
 }
 GLOBAL_FLAGS = {"--debug": "SQLLM_DEBUG", "--verbose": "SQLLM_VERBOSE"}  # accepted anywhere on the line

@@ -22,6 +22,11 @@
 // 1 = the CUDA-core kernel (decode_generic.cu) even where the tensor-core kernel would run.
 //
 //   const char* SqllmCudaSynchronize(void);   // cudaDeviceSynchronize: null or a message (tests)
+//
+//   const char* SqllmCudaProbe(void);   // JSON: can this build's kernels run on the current device?
+//
+// (The probe lives here with the other CUDA-only exports; sqllm_onnx.cuda_probe() calls it before a
+// CUDA session is opened.)
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -90,3 +95,30 @@ SQLLM_EXPORT const char* SqllmCudaSynchronize() {
   message = std::string("cudaDeviceSynchronize: ") + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + ")";
   return message.c_str();
 }
+
+// Whether the CUDA kernels of this build can run here, as JSON (sqllm_onnx.cuda_probe()):
+// {"devices": n, "name": ..., "cc": "9.0", "runs": true|false, "error": "..."} for the current device.
+SQLLM_EXPORT const char* SqllmCudaProbe() {
+  static thread_local std::string out;
+  int n = 0;
+  cudaError_t e = cudaGetDeviceCount(&n);
+  if (e != cudaSuccess || n == 0) {
+    out = std::string("{\"devices\": 0, \"runs\": false, \"error\": \"") +
+          (e != cudaSuccess ? cudaGetErrorString(e) : "no CUDA device") + "\"}";
+    return out.c_str();
+  }
+  int device = 0;
+  cudaDeviceProp prop{};
+  if ((e = cudaGetDevice(&device)) == cudaSuccess) e = cudaGetDeviceProperties(&prop, device);
+  if (e == cudaSuccess) e = sqllm::cuda::CheckKernelImage();
+  std::string name(prop.name);
+  for (char& c : name)
+    if (c == '"' || c == '\\') c = ' ';
+  out = "{\"devices\": " + std::to_string(n) + ", \"name\": \"" + name + "\", \"cc\": \"" +
+        std::to_string(prop.major) + "." + std::to_string(prop.minor) + "\", \"runs\": " +
+        (e == cudaSuccess ? "true" : "false") + ", \"error\": \"" + (e == cudaSuccess ? "" : cudaGetErrorString(e)) +
+        "\"}";
+  cudaGetLastError();  // leave no sticky error behind for the next CUDA call
+  return out.c_str();
+}
+

@@ -66,7 +66,7 @@
 #define SQLLM_TC_CTAS 2
 #endif
 // Experiments (benchmarks/decode_driver.sh): 1 = stream only (no decode), 2 = decode only (the
-// first ring of stages reused, no further copies).
+// first ring of stages reused, no further copies), 3 = no table lookups (timing only).
 #ifndef SQLLM_TC_EXPERIMENT
 #define SQLLM_TC_EXPERIMENT 0
 #endif
@@ -202,9 +202,13 @@ __device__ __forceinline__ uint32_t NibbleAddr(uint32_t x, uint32_t lanebuf) {
 
 // A table lookup: ld.shared at a 32-bit shared address (LDS [R + imm]: the slot offset is the immediate).
 __device__ __forceinline__ uint32_t Lds32(uint32_t addr) {
+#if SQLLM_TC_EXPERIMENT == 3  // no lookups: the address stands in for the table entry
+  return addr;
+#else
   uint32_t v;
   asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
   return v;
+#endif
 }
 
 // Zeroes the halves of A register `reg` (codes j = 2 (reg >> 1), + 1) whose k is >= K.

@@ -28,4 +28,7 @@ std::string LaunchDequantize(const Problem& p, const DeviceArgs& args, int64_t n
 // prefill.cu: Y[m, n] = bias[n] for all m < M (so that the GEMM can accumulate with beta = 1).
 std::string LaunchBiasFill(const Problem& p, const DeviceArgs& args, cudaStream_t stream, const DeviceInfo& dev);
 
+// prefill.cu: whether this build holds machine code (or PTX) that the current device can run.
+cudaError_t CheckKernelImage();
+
 }  // namespace sqllm::cuda

@@ -163,4 +163,9 @@ std::string LaunchBiasFill(const Problem& p, const DeviceArgs& args, cudaStream_
   return args.half ? BiasFill<__half>(p, args, stream, dev) : BiasFill<float>(p, args, stream, dev);
 }
 
+cudaError_t CheckKernelImage() {
+  cudaFuncAttributes attr;
+  return cudaFuncGetAttributes(&attr, &BiasFillKernel<float>);  // cudaErrorNoKernelImageForDevice if none fits
+}
+
 }  // namespace sqllm::cuda

@@ -119,8 +119,14 @@ def _session(model: str | bytes, provider: str, cuda_graph: bool, threads: int):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sqllm_onnx.register(so)
     if provider == "cuda":
+        from sqllm_onnx.runtime.session import check_cuda_library, check_placement
+
+        check_cuda_library()
         opts = {"enable_cuda_graph": "1" if cuda_graph else "0"}
-        return ort.InferenceSession(model, so, providers=[("CUDAExecutionProvider", opts)])
+        before = sqllm_onnx.kernel_counts()
+        session = ort.InferenceSession(model, so, providers=[("CUDAExecutionProvider", opts)])
+        check_placement(before, sqllm_onnx.kernel_counts())
+        return session
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 

@@ -278,8 +278,14 @@ def _manifest(qmodel, dtype, summary, check, folder: Path, seconds: float, graph
             "op": {"domain": "sqllm", "op_type": "SqueezeMatMul", "opset": 1},
             "dtype": dtype, "task": TASK, "graph_style": graph_style,
             "quantization": qmodel.manifest if qmodel is not None else None, "graph": summary,
-            "validation": check, "files": files, "sha256": sha256, "export_seconds": round(seconds, 1),
+            "validation": check, "op_library": _library_info(folder / configs.LIBRARY_COPY),
+            "files": files, "sha256": sha256, "export_seconds": round(seconds, 1),
             "peak_rss_gb": round(_peak_rss_gb(), 2)}
+
+
+def _library_info(path: Path) -> dict | None:
+    """What the folder's copy of the op library holds (CUDA architectures, CPU paths, versions)."""
+    return sqllm_onnx.library_info(str(path)) if path.is_file() else None
 
 
 def _peak_rss_gb() -> float:

@@ -42,6 +42,7 @@ def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
     so.intra_op_num_threads = threads
     sqllm_onnx.register(so)
     if provider == "cuda":
+        check_cuda_library()
         # On Hopper, ORT prefers cuDNN SDPA for GroupQueryAttention, which builds a new cuDNN plan
         # for every new KV length: with a KV cache that grows each step that cost ~60 ms per token
         # on an H100 (measured). The flash kernel needs no plan. An explicit setting wins.
@@ -52,8 +53,9 @@ def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
     else:
         providers = [PROVIDERS["cpu"]]
     path = model_file(model_dir)
+    before = sqllm_onnx.kernel_counts()
     try:
-        return ort.InferenceSession(str(path), so, providers=providers)
+        session = ort.InferenceSession(str(path), so, providers=providers)
     except Exception as e:  # noqa: BLE001 - ORT's load errors (damaged protobuf, missing data) as one line
         from sqllm_onnx.errors import UserError
 
@@ -62,6 +64,40 @@ def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
             first = first.split(" : ", 3)[-1]
         raise UserError(f"{path} cannot be loaded by onnxruntime ({first[:300]}): the folder may be damaged "
                         f"(`sqllm-onnx check {model_dir}`)") from None
+    if provider == "cuda":
+        check_placement(before, sqllm_onnx.kernel_counts())
+    return session
+
+
+def check_cuda_library(info: dict | None = None, probe: dict | None = None) -> None:
+    """A clear error, before any session exists, when the registered op library cannot run its
+    SqueezeMatMul kernels on this GPU: built without CUDA, or without code for this GPU's
+    architecture. (ORT would otherwise place every SqueezeMatMul node on the CPU provider, with
+    copies both ways, and the user would only see a slow model.)"""
+    from sqllm_onnx.errors import UserError
+
+    info = sqllm_onnx.library_info() if info is None else info
+    library = sqllm_onnx.get_library_path()
+    if not info.get("cuda_archs"):
+        raise UserError(f"the op library {library} has no CUDA kernels (built where no nvcc was found): install "
+                        f"the CUDA-enabled wheel of sqllm-onnx, or rebuild with SQLLM_CUDA=ON (`sqllm-onnx info`)")
+    probe = sqllm_onnx.cuda_probe() if probe is None else probe
+    if not probe.get("runs"):
+        where = f"{probe['name']} (compute capability {probe['cc']})" if probe.get("devices") else "this machine"
+        raise UserError(f"the CUDA kernels of {library} (architectures {', '.join(info['cuda_archs'])}) cannot run "
+                        f"on {where}: {probe.get('error') or 'unknown error'}")
+
+
+def check_placement(before: tuple[int, int], after: tuple[int, int]) -> None:
+    """After a CUDA session was created: an error if ORT gave any SqueezeMatMul node to the CPU
+    provider (counts of kernels created, (cpu, cuda), before and after)."""
+    from sqllm_onnx.errors import UserError
+
+    on_cpu, on_cuda = after[0] - before[0], after[1] - before[1]
+    if on_cpu > 0:
+        raise UserError(f"onnxruntime placed {on_cpu} of {on_cpu + on_cuda} SqueezeMatMul nodes on the CPU provider "
+                        f"instead of CUDA (unsupported input type on CUDA, or a library without CUDA kernels for "
+                        f"this model): it would run slowly with copies both ways; see `sqllm-onnx info`")
 
 
 class Decoder:

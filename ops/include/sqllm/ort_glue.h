@@ -51,6 +51,11 @@ class KernelBase {
 // The OrtCustomOp that creates Kernel for element type T (ONNX enum) on the given provider.
 // A is typed T so that ORT picks the fp16 or fp32 kernel; the other inputs are declared with an
 // undefined type so that a wrong dtype reaches our own check, whose message names the input.
+// Counts the kernels created per execution provider (SqllmKernelCounts): the Python session code
+// compares the counts before and after a session is created to see where ORT placed our nodes.
+void CountKernel(const char* provider);
+int64_t KernelCount(bool cuda);
+
 template <typename Kernel, int T>
 struct SqueezeMatMulOp : Ort::CustomOpBase<SqueezeMatMulOp<Kernel, T>, Kernel, true> {
   explicit SqueezeMatMulOp(const char* provider) : provider_(provider) {
@@ -81,6 +86,7 @@ struct SqueezeMatMulOp : Ort::CustomOpBase<SqueezeMatMulOp<Kernel, T>, Kernel, t
       return MakeStatus(err);
     }
     *op_kernel = kernel;
+    CountKernel(provider_);
     return nullptr;
   }
 
