@@ -164,6 +164,8 @@ def _check_checkpoint_matches(qmodel, model) -> None:
         raise ExportError(f"the quantized checkpoint was made from a {recorded!r} model, but the model to export is "
                           f"{model.config.model_type!r}")
 
+    from sqllm_onnx.quantize.targets import check_layer_names
+
     for name, layer in qmodel.layers.items():
         try:
             module = model.get_submodule(name)
@@ -175,6 +177,10 @@ def _check_checkpoint_matches(qmodel, model) -> None:
         if tuple(module.weight.shape) != (layer.N, layer.K):
             raise ExportError(f"layer {name!r}: the checkpoint holds [{layer.N}, {layer.K}] but the model's weight is "
                               f"{list(module.weight.shape)}")
+    try:
+        check_layer_names(model, qmodel.layers, "the quantized checkpoint")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def _optimum_export(model, folder: Path, dtype: str) -> None:

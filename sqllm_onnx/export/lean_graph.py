@@ -13,7 +13,10 @@ produces:
                                        (layer 0: SimplifiedLayerNormalization, nothing to add)
     q_proj, k_proj, v_proj             whatever module is there: MatMul(+Add) for nn.Linear,
                                        sqllm.SqueezeMatMul for SqueezeLinear (never fused into one
-                                       QKV matmul: the quantizer packs them separately)
+                                       QKV matmul: the quantizer packs them separately); Qwen3 then
+                                       normalises each head of q and k (Reshape,
+                                       SimplifiedLayerNormalization, Reshape); Phi-3's fused
+                                       qkv_proj is one projection and a Split
     GroupQueryAttention                rotary (do_rotary=1, cos/sin caches), KV-cache concat, causal
                                        (and sliding-window) masking, GQA head sharing, softmax
     o_proj
@@ -30,7 +33,7 @@ How: each fused piece is a `torch.autograd.Function` whose `forward` computes th
 torch (so tracing sees real values and shapes, and the patched model still runs eagerly) and whose
 `symbolic` emits the ORT op, the mechanism `SqueezeLinear` uses for SqueezeMatMul. `patched(model)`
 is a context manager that, for its duration, replaces the base model's forward (LlamaModel,
-MistralModel, Qwen2Model) by `_lean_model_forward`, which runs the decoder layers through
+MistralModel, Qwen2Model, Qwen3Model, Phi3Model) by `_lean_model_forward`, which runs the decoder layers through
 `_lean_layer_forward` (the layers' own submodules: norms' weights, projections, MLP), and registers
 the cos/sin tables as buffers so they become two initializers shared by every layer. Leaving the
 context restores the model exactly.
@@ -85,7 +88,11 @@ import contextlib
 
 import torch
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+# qwen3_moe is not here: its router's shape-dependent ops, traced after the fused norms (whose output
+# shapes ONNX inference cannot see), become If nodes that ORT refuses; it exports plain.
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# Families whose attention normalises q and k per head (RMSNorm over head_dim) before the rotary embedding.
+HEAD_NORM_ARCHITECTURES = ("qwen3",)
 GRAPH_STYLES = ("lean", "plain")
 # Rope types whose cos/sin depend only on the position (see transformers' ROPE_INIT_FUNCTIONS).
 POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")
@@ -219,7 +226,9 @@ def check(model) -> None:
             f"tables cannot follow (supported: {', '.join(POSITION_ONLY_ROPE)}); export with graph='plain'")
     for i, layer in enumerate(base.layers):
         attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        projections = ("qkv_proj",) if hasattr(attn, "qkv_proj") else ("q_proj", "k_proj", "v_proj")
+        for name in projections + ("o_proj",) + (
+                ("q_norm", "k_norm") if config.model_type in HEAD_NORM_ARCHITECTURES else ()):
             if not hasattr(attn, name):
                 raise LeanGraphUnsupported(f"layer {i}'s attention has no {name}")
         for name in ("input_layernorm", "post_attention_layernorm"):
@@ -251,7 +260,7 @@ def _eps(norm, config) -> float:
 
 def _window(attn, config) -> int:
     """GroupQueryAttention's local_window_size: HF's sliding window (keys with q - k < window), or -1."""
-    if config.model_type == "qwen2":
+    if config.model_type in ("qwen2", "qwen3"):
         window = getattr(attn, "sliding_window", None)  # per layer (layer_types)
     else:
         window = getattr(config, "sliding_window", None)
@@ -283,6 +292,13 @@ def _cache_layer(cache, idx):
     return layers[idx]
 
 
+def _head_norm(x, norm, head_dim: int, config):
+    """RMSNorm over each head of x [B, S, heads*head_dim]: Reshape, SimplifiedLayerNormalization, Reshape."""
+    shape = x.shape
+    h = _SimplifiedLayerNorm.apply(x.reshape(shape[0], shape[1], -1, head_dim), norm.weight, _eps(norm, config))
+    return h.reshape(shape)
+
+
 def _lean_layer_forward(layer, pending, residual, cache, seqlens_k, total_len, cos_cache, sin_cache, config):
     """One decoder layer. `pending` is the previous layer's MLP output (None for layer 0), not yet
     added to `residual`; returns this layer's (MLP output, residual) for the next one."""
@@ -292,9 +308,16 @@ def _lean_layer_forward(layer, pending, residual, cache, seqlens_k, total_len, c
         x = _SimplifiedLayerNorm.apply(residual, norm.weight, _eps(norm, config))
     else:
         x, residual = _SkipSimplifiedLayerNorm.apply(pending, residual, norm.weight, _eps(norm, config))
-    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     B = x.shape[0]
     kv_heads = config.num_key_value_heads or config.num_attention_heads
+    if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, split once (a Split node)
+        q_size, kv_size = config.num_attention_heads * attn.head_dim, kv_heads * attn.head_dim
+        q, k, v = attn.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    if config.model_type in HEAD_NORM_ARCHITECTURES:  # Qwen3: RMSNorm of each head, then GQA's rotary
+        q = _head_norm(q, attn.q_norm, attn.head_dim, config)
+        k = _head_norm(k, attn.k_norm, attn.head_dim, config)
     cached = _cache_layer(cache, attn.layer_idx)
     if cached is not None and getattr(cached, "is_initialized", False):
         if type(cached).__name__ != "DynamicLayer":
@@ -317,7 +340,7 @@ def _lean_layer_forward(layer, pending, residual, cache, seqlens_k, total_len, c
 
 def _lean_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                         inputs_embeds=None, use_cache=None, cache_position=None, **kwargs):
-    """LlamaModel/MistralModel/Qwen2Model.forward, lean: no causal mask, no rotary construction
+    """LlamaModel/MistralModel/Qwen2Model/Qwen3Model/Phi3Model.forward, lean: no causal mask, no rotary construction
     (position_ids is accepted and, as in GroupQueryAttention, positions come from the cache)."""
     from transformers.cache_utils import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPast
