@@ -285,3 +285,41 @@ def test_short_names_cover_the_new_families():
     for short in ("llama3.1-8b", "llama3.2-1b", "qwen2.5-0.5b", "qwen3-0.6b", "gemma3-1b", "phi3-mini", "phi4-mini",
                   "mistral-7b", "qwen3-moe"):
         assert models.resolve(short) == models.SHORT_NAMES[short] and "/" in models.SHORT_NAMES[short]
+
+
+def test_a_checkpoint_naming_a_router_is_refused():
+    """Checkpoints (ours, imported SqueezeLLM .pt files) must name layers the discovery quantizes."""
+    from sqllm_onnx.quantize import QuantConfig, apply_to_model, quantize_model
+
+    model, tokenizer = models.random_model("qwen3_moe")
+    q = quantize_model(model, tokenizer, QuantConfig(bits=3, method="rtn"), progress=False)
+    layer = q.layers.pop("model.layers.0.mlp.experts.0.gate_proj")
+    q.layers["model.layers.0.mlp.gate"] = layer  # a router has the shape of no expert: caught before shapes
+    with pytest.raises(ValueError, match="not linear layers of this model's decoder blocks.*mlp.gate"):
+        apply_to_model(model, q)
+
+
+def test_phi3_partial_rotary_lean_matches_torch(tmp_path, capsys):
+    """Phi-4-mini's partial rotary (rotary on 3/4 of each head): GroupQueryAttention's cos/sin tables
+    cover the rotated part only (here half of a 32-dim head: tables of 8 columns, ORT's minimum). A
+    rotated part that GroupQueryAttention cannot take falls back to the plain graph."""
+    from sqllm_onnx.export import lean_graph
+
+    config = models.random_config("phi3")
+    config.num_attention_heads, config.num_key_value_heads, config.partial_rotary_factor = 2, 1, 0.5
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).eval()
+    folder = tmp_path / "phi3-partial"
+    model.save_pretrained(folder)
+    models.simple_tokenizer(config.vocab_size).save_pretrained(folder)
+    out = tmp_path / "out"
+    rc, text = run_cli(["export", "--model", str(folder), "--method", "none", "--dtype", "fp32", "--out", str(out)],
+                       capsys)
+    assert rc == 0, text
+    assert json.loads((out / configs.MANIFEST).read_text())["graph_style"] == "lean"
+    expected = torch_logits(float_model(folder))
+    assert np.abs(ort_logits(out) - expected).max() <= 1e-3 * np.abs(expected).max()
+    config.num_attention_heads, config.num_key_value_heads = 4, 2  # 16-dim heads: 8 rotated dims
+    style, note = lean_graph.resolve_style(AutoModelForCausalLM.from_config(config), None)
+    assert style == "plain" and "multiple of 8" in note

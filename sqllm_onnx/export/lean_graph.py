@@ -234,6 +234,11 @@ def check(model) -> None:
         for name in ("input_layernorm", "post_attention_layernorm"):
             if not hasattr(getattr(layer, name, None), "weight"):
                 raise LeanGraphUnsupported(f"layer {i} has no RMSNorm {name}")
+    head_dim = base.layers[0].self_attn.head_dim
+    rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    if (rotary_dim // 2) % 8:  # ORT 1.31's GroupQueryAttention: cos/sin tables of a multiple of 8 columns
+        raise LeanGraphUnsupported(f"a rotary embedding over {rotary_dim} of {head_dim} dims: GroupQueryAttention "
+                                   "needs rotary_dim / 2 to be a multiple of 8")
     if getattr(config, "num_attention_heads", 0) % (getattr(config, "num_key_value_heads", None) or 1):
         raise LeanGraphUnsupported("num_attention_heads is not a multiple of num_key_value_heads")
 
