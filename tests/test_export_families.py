@@ -299,6 +299,20 @@ def test_a_checkpoint_naming_a_router_is_refused():
         apply_to_model(model, q)
 
 
+def assert_lean_export_matches_torch(model, tmp_path, capsys):
+    """Save `model`, export it unquantized through the CLI: a lean graph whose logits match torch's."""
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    models.simple_tokenizer(model.config.vocab_size).save_pretrained(folder)
+    out = tmp_path / "out"
+    rc, text = run_cli(["export", "--model", str(folder), "--method", "none", "--dtype", "fp32", "--out", str(out)],
+                       capsys)
+    assert rc == 0, text
+    assert json.loads((out / configs.MANIFEST).read_text())["graph_style"] == "lean"
+    expected = torch_logits(float_model(folder))
+    assert np.abs(ort_logits(out) - expected).max() <= 1e-3 * np.abs(expected).max()
+
+
 def test_phi3_partial_rotary_lean_matches_torch(tmp_path, capsys):
     """Phi-4-mini's partial rotary (rotary on 3/4 of each head): GroupQueryAttention's cos/sin tables
     cover the rotated part only (here half of a 32-dim head: tables of 8 columns, ORT's minimum). A
@@ -309,17 +323,7 @@ def test_phi3_partial_rotary_lean_matches_torch(tmp_path, capsys):
     config.num_attention_heads, config.num_key_value_heads, config.partial_rotary_factor = 2, 1, 0.5
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_config(config).eval()
-    folder = tmp_path / "phi3-partial"
-    model.save_pretrained(folder)
-    models.simple_tokenizer(config.vocab_size).save_pretrained(folder)
-    out = tmp_path / "out"
-    rc, text = run_cli(["export", "--model", str(folder), "--method", "none", "--dtype", "fp32", "--out", str(out)],
-                       capsys)
-    assert rc == 0, text
-    assert json.loads((out / configs.MANIFEST).read_text())["graph_style"] == "lean"
-    expected = torch_logits(float_model(folder))
-    assert np.abs(ort_logits(out) - expected).max() <= 1e-3 * np.abs(expected).max()
+    assert_lean_export_matches_torch(AutoModelForCausalLM.from_config(config).eval(), tmp_path, capsys)
     config.num_attention_heads, config.num_key_value_heads = 4, 2  # 16-dim heads: 8 rotated dims
     style, note = lean_graph.resolve_style(AutoModelForCausalLM.from_config(config), None)
     assert style == "plain" and "multiple of 8" in note
@@ -339,13 +343,4 @@ def test_gemma_lean_windows_softcap_and_local_rotary_match_torch(family, tmp_pat
         config.attn_logit_softcapping = 0.05
     model = AutoModelForCausalLM.from_config(config, **models.attention_kwargs(config)).eval()
     models.fill_random(model, seed=3, std=0.2)  # larger weights: scores beyond the softcap
-    folder = tmp_path / family
-    model.save_pretrained(folder)
-    models.simple_tokenizer(config.vocab_size).save_pretrained(folder)
-    out = tmp_path / "out"
-    rc, text = run_cli(["export", "--model", str(folder), "--method", "none", "--dtype", "fp32", "--out", str(out)],
-                       capsys)
-    assert rc == 0, text
-    assert json.loads((out / configs.MANIFEST).read_text())["graph_style"] == "lean"
-    expected = torch_logits(float_model(folder))
-    assert np.abs(ort_logits(out) - expected).max() <= 1e-3 * np.abs(expected).max()
+    assert_lean_export_matches_torch(model, tmp_path, capsys)
