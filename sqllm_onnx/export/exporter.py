@@ -149,7 +149,9 @@ def _load_dtype(name):
     if resolved.startswith(models.RANDOM_PREFIX):
         return torch.float16 if resolved.endswith("-7b") else torch.float32
     try:
-        c = AutoConfig.from_pretrained(resolved)
+        path = Path(resolved)
+        c = AutoConfig.from_pretrained(path.parent, gguf_file=path.name) if models.is_gguf(resolved) else \
+            AutoConfig.from_pretrained(resolved)
         params = 12 * c.num_hidden_layers * c.hidden_size ** 2 + 2 * c.vocab_size * c.hidden_size
     except Exception:
         return torch.float32  # load_model reports a missing model with its own clear error
