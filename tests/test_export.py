@@ -132,12 +132,15 @@ def test_export_refuses_existing_folder_and_leaves_no_partial(tmp_path, exported
 
 
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
+    """Mixtral: transformers has it, optimum-onnx 0.1.0 has no ONNX config for it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model("gpt2", n_layer=1, n_embd=32, n_head=2, vocab_size=64)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match="unsupported architecture 'gpt2': supported are llama, mistral, qwen2, opt"):
-        models.load_model(str(tmp_path / "gpt2"))
+    config = AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, vocab_size=64, num_local_experts=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mixtral")
+    with pytest.raises(ValueError, match="unsupported architecture 'mixtral': optimum-onnx 0.1.0 exports .* only these "
+                                         "decoder families: arcee, bloom, .*gpt2, .*qwen3, qwen3_moe"):
+        models.load_model(str(tmp_path / "mixtral"))
 
 
 def test_offline_hub_id_is_a_clear_error(monkeypatch):

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from conftest import lazy_exports
 
-from sqllm_onnx.export import configs
+from sqllm_onnx import families
+from sqllm_onnx.export import configs, lean_graph
 from sqllm_onnx.runtime.session import Decoder, greedy_generate, open_session
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install '.[genai]')")
@@ -28,11 +29,14 @@ og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not i
 PROMPT = [1, 17, 29, 41, 53]
 NEW_TOKENS = 16
 
-# name -> (architecture, dtype, quantized); GenAI runs OPT as its generic "decoder" type.
+# name -> (architecture, dtype, quantized); GenAI runs OPT and Qwen3-MoE (plain graphs) as its generic
+# "decoder" type, Qwen3 (lean graph) as its own "qwen3".
 CASES = {
     "llama-fp32-q3": ("llama", "fp32", True),
     "opt-fp32-q4": ("opt", "fp32", True),
     "llama-fp16": ("llama", "fp16", False),
+    "qwen3-fp32-q3": ("qwen3", "fp32", True),
+    "qwen3_moe-fp32-q3": ("qwen3_moe", "fp32", True),
 }
 
 
@@ -79,9 +83,10 @@ def test_genai_config_names_the_library_copy(exports):
     for case, (arch, _, _) in CASES.items():
         config = json.loads((exports(case) / configs.GENAI_CONFIG).read_text())
         assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == configs.LIBRARY_COPY
-        assert config["model"]["type"] == ("decoder" if arch == "opt" else arch)
-        # the lean graph (GroupQueryAttention) shares one max-length cache buffer; OPT's plain graph cannot
-        assert config["search"]["past_present_share_buffer"] is (arch != "opt")
+        assert config["model"]["type"] == families.genai_type(arch)
+        assert config["model"]["type"] == {"opt": "decoder", "qwen3_moe": "decoder"}.get(arch, arch)
+        # the lean graph (GroupQueryAttention) shares one max-length cache buffer; a plain graph cannot
+        assert config["search"]["past_present_share_buffer"] is (arch in lean_graph.ARCHITECTURES)
 
 
 # Run in a fresh interpreter that has loaded no libsqllm_ops.so: in this process one is loaded

@@ -33,7 +33,7 @@ def test_interrupted_fisher_pass_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(model, "forward", flaky)
     with pytest.raises(Interrupt):
         fisher_mod.compute_fisher(model, windows, names, progress=False, progress_file=progress, meta=meta)
-    _, done = fisher_mod.load_progress(progress, meta, names)
+    _, done, _ = fisher_mod.load_progress(progress, meta, names)
     assert done == 3
     monkeypatch.setattr(model, "forward", forward)
     calls["n"] = 0

@@ -35,6 +35,8 @@ CASES = {
     "llama-fp32-q3": ("llama", "fp32", True),   # position_ids, fp32 KV cache, SqueezeMatMul
     "opt-fp16-q3": ("opt", "fp16", True),       # fp16 KV cache and logits, SqueezeMatMul
     "llama-fp16": ("llama", "fp16", False),     # fp16 baseline without the quantizer
+    "gemma3_text-fp32-q3": ("gemma3_text", "fp32", True),  # a plain graph of another family
+    "qwen3_moe-fp32-q3": ("qwen3_moe", "fp32", True),      # mixture of experts, every expert quantized
 }
 
 

@@ -92,7 +92,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--graph", choices=("lean", "plain"), default=None,
                    help="lean: decoder layers as ORT fused ops (GroupQueryAttention, SkipSimplifiedLayerNormalization; "
                    "~13 nodes per layer, for fast decoding); plain: Optimum's graph op by op. Default: lean for "
-                   "llama, mistral and qwen2, plain otherwise")
+                   "llama, mistral, qwen2, qwen3, phi3 and the gemmas, plain otherwise")
 
 
 def main(args, command: str) -> int:

@@ -10,10 +10,7 @@ import onnx
 MANIFEST = "sqllm_manifest.json"
 GENAI_CONFIG = "genai_config.json"
 LIBRARY_COPY = "libsqllm_ops.so"
-# model.type for ORT GenAI: its own name where GenAI knows the architecture, else its generic
-# decoder-only type (OPT: the Optimum graph needs nothing architecture-specific from GenAI).
-GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-GENAI_GENERIC_TYPE = "decoder"
+from sqllm_onnx import families
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -40,7 +37,11 @@ def genai_config(model_config, generation_config, onnx_path: Path, library_path:
     inputs = {i.name for i in proto.graph.input}
     c = model_config
     heads = c.num_attention_heads
-    head_size = getattr(c, "head_dim", None) or c.hidden_size // heads
+    # the cache's own shape [batch, kv_heads, past, head_dim], which every family's config names differently
+    cache = next((i for i in proto.graph.input if i.name == "past_key_values.0.key"), None)
+    dims = [d.dim_value for d in cache.type.tensor_type.shape.dim] if cache is not None else []
+    head_size = dims[3] if len(dims) == 4 and dims[3] else getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv_heads = dims[1] if len(dims) == 4 and dims[1] else getattr(c, "num_key_value_heads", None) or heads
     io_inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask",
                  "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}
     if "position_ids" in inputs:
@@ -63,11 +64,13 @@ def genai_config(model_config, generation_config, onnx_path: Path, library_path:
                             "present_value_names": "present.%d.value"},
                 "num_attention_heads": heads,
                 "num_hidden_layers": c.num_hidden_layers,
-                "num_key_value_heads": getattr(c, "num_key_value_heads", None) or heads,
+                "num_key_value_heads": kv_heads,
             },
             "eos_token_id": eos,
             "pad_token_id": pad if pad is not None else (eos[0] if isinstance(eos, list) else eos),
-            "type": GENAI_TYPES.get(c.model_type, GENAI_GENERIC_TYPE),
+            # GenAI's own name where it knows the family, else its generic decoder-only type (the Optimum
+            # graph needs nothing architecture-specific from GenAI)
+            "type": families.genai_type(c.model_type),
             "vocab_size": c.vocab_size,
         },
         "search": {"do_sample": False, "max_length": min(max_length or context, context), "min_length": 0,

@@ -149,7 +149,9 @@ def _load_dtype(name):
     if resolved.startswith(models.RANDOM_PREFIX):
         return torch.float16 if resolved.endswith("-7b") else torch.float32
     try:
-        c = AutoConfig.from_pretrained(resolved)
+        path = Path(resolved)
+        c = AutoConfig.from_pretrained(path.parent, gguf_file=path.name) if models.is_gguf(resolved) else \
+            AutoConfig.from_pretrained(resolved)
         params = 12 * c.num_hidden_layers * c.hidden_size ** 2 + 2 * c.vocab_size * c.hidden_size
     except Exception:
         return torch.float32  # load_model reports a missing model with its own clear error
@@ -164,6 +166,8 @@ def _check_checkpoint_matches(qmodel, model) -> None:
         raise ExportError(f"the quantized checkpoint was made from a {recorded!r} model, but the model to export is "
                           f"{model.config.model_type!r}")
 
+    from sqllm_onnx.quantize.targets import check_layer_names
+
     for name, layer in qmodel.layers.items():
         try:
             module = model.get_submodule(name)
@@ -175,6 +179,10 @@ def _check_checkpoint_matches(qmodel, model) -> None:
         if tuple(module.weight.shape) != (layer.N, layer.K):
             raise ExportError(f"layer {name!r}: the checkpoint holds [{layer.N}, {layer.K}] but the model's weight is "
                               f"{list(module.weight.shape)}")
+    try:
+        check_layer_names(model, qmodel.layers, "the quantized checkpoint")
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def _optimum_export(model, folder: Path, dtype: str) -> None:

@@ -13,13 +13,23 @@ produces:
                                        (layer 0: SimplifiedLayerNormalization, nothing to add)
     q_proj, k_proj, v_proj             whatever module is there: MatMul(+Add) for nn.Linear,
                                        sqllm.SqueezeMatMul for SqueezeLinear (never fused into one
-                                       QKV matmul: the quantizer packs them separately)
+                                       QKV matmul: the quantizer packs them separately); Qwen3 then
+                                       normalises each head of q and k (Reshape,
+                                       SimplifiedLayerNormalization, Reshape); Phi-3's fused
+                                       qkv_proj is one projection and a Split
     GroupQueryAttention                rotary (do_rotary=1, cos/sin caches), KV-cache concat, causal
                                        (and sliding-window) masking, GQA head sharing, softmax
     o_proj
     SkipSimplifiedLayerNormalization   residual add + post_attention_layernorm
     gate_proj, up_proj, Sigmoid, Mul, Mul, down_proj     the SwiGLU MLP (SiLU traced as x*sigmoid(x);
                                        ORT's optimizer fuses Sigmoid+Mul into QuickGelu(alpha=1))
+
+Gemma 2/3 put a norm on both sides of each sublayer: o_proj is followed by SimplifiedLayerNormalization
+(post_attention_layernorm) and SkipSimplifiedLayerNormalization (residual add + pre_feedforward_layernorm),
+the MLP by SimplifiedLayerNormalization (post_feedforward_layernorm, added by the next layer's fused norm).
+Gemma's norms scale by (1 + weight) (one folded initializer each), Gemma/Gemma 2 scale the embeddings
+by sqrt(hidden_size), Gemma 2's attention softcapping is GroupQueryAttention's `softcap`, and Gemma 3's
+sliding layers read a second cos/sin pair from its local rotary embedding.
 
 and once per graph: Gather (embedding), ReduceSum/Sub/Cast (seqlens_k = sum(attention_mask) - 1,
 int32 [batch]), Shape/Gather/Cast (total_sequence_length = attention_mask.shape[1], int32 scalar),
@@ -30,7 +40,7 @@ How: each fused piece is a `torch.autograd.Function` whose `forward` computes th
 torch (so tracing sees real values and shapes, and the patched model still runs eagerly) and whose
 `symbolic` emits the ORT op, the mechanism `SqueezeLinear` uses for SqueezeMatMul. `patched(model)`
 is a context manager that, for its duration, replaces the base model's forward (LlamaModel,
-MistralModel, Qwen2Model) by `_lean_model_forward`, which runs the decoder layers through
+MistralModel, Qwen2Model, Qwen3Model, Phi3Model) by `_lean_model_forward`, which runs the decoder layers through
 `_lean_layer_forward` (the layers' own submodules: norms' weights, projections, MLP), and registers
 the cos/sin tables as buffers so they become two initializers shared by every layer. Leaving the
 context restores the model exactly.
@@ -85,12 +95,24 @@ import contextlib
 
 import torch
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+# qwen3_moe is not here: its router's shape-dependent ops, traced after the fused norms (whose output
+# shapes ONNX inference cannot see), become If nodes that ORT refuses; it exports plain.
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
+# Families whose attention normalises q and k per head (RMSNorm over head_dim) before the rotary embedding.
+HEAD_NORM_ARCHITECTURES = ("qwen3", "gemma3_text")
+# Gemma's RMSNorm scales by (1 + weight); Gemma and Gemma 2 multiply the embeddings by sqrt(hidden_size)
+# in the model's forward (Gemma 3's embedding module does it itself).
+ONE_PLUS_WEIGHT_NORMS = ("gemma", "gemma2", "gemma3_text")
+SCALED_EMBEDDING = ("gemma", "gemma2")
+# Families whose sliding window is per layer (layer_types), read from each attention module.
+PER_LAYER_WINDOW = ("qwen2", "qwen3", "gemma2", "gemma3_text")
 GRAPH_STYLES = ("lean", "plain")
 # Rope types whose cos/sin depend only on the position (see transformers' ROPE_INIT_FUNCTIONS).
 POSITION_ONLY_ROPE = ("default", "linear", "llama3", "yarn")
 MS_DOMAIN = "com.microsoft"
 COS_CACHE, SIN_CACHE = "lean_cos_cache", "lean_sin_cache"
+# Gemma 3's sliding-window layers use a second rotary embedding (rotary_emb_local, another base)
+COS_CACHE_LOCAL, SIN_CACHE_LOCAL = "lean_cos_cache_local", "lean_sin_cache_local"
 
 
 class LeanGraphUnsupported(ValueError):
@@ -154,7 +176,7 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
-                num_heads: int, kv_num_heads: int, scale: float, window: int):
+                num_heads: int, kv_num_heads: int, scale: float, window: int, softcap: float):
         B, S, _ = q.shape
         D = q.shape[-1] // num_heads
         P = past_k.shape[2]
@@ -183,6 +205,8 @@ class _GroupQueryAttention(torch.autograd.Function):
         keys = _to(present_k.repeat_interleave(groups, dim=1), torch.float32)
         values = _to(present_v.repeat_interleave(groups, dim=1), torch.float32)
         scores = torch.matmul(_to(q, torch.float32), keys.transpose(2, 3)) * scale
+        if softcap > 0:  # Gemma 2: softcap * tanh(scores / softcap), before the mask
+            scores = torch.tanh(scores / softcap) * softcap
         q_idx = (P + steps)[:, None]
         k_idx = torch.arange(P + S, device=q.device)[None]
         visible = k_idx <= q_idx
@@ -194,10 +218,11 @@ class _GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
-                 num_heads: int, kv_num_heads: int, scale: float, window: int):
+                 num_heads: int, kv_num_heads: int, scale: float, window: int, softcap: float):
+        extra = {"softcap_f": softcap} if softcap > 0 else {}
         return g.op(f"{MS_DOMAIN}::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache,
                     sin_cache, num_heads_i=num_heads, kv_num_heads_i=kv_num_heads, scale_f=scale, do_rotary_i=1,
-                    rotary_interleaved_i=0, local_window_size_i=window, outputs=3)
+                    rotary_interleaved_i=0, local_window_size_i=window, outputs=3, **extra)
 
 
 # ---- what the model needs -------------------------------------------------------------------------
@@ -212,19 +237,29 @@ def check(model) -> None:
     rotary = getattr(base, "rotary_emb", None)
     if rotary is None:
         raise LeanGraphUnsupported(f"{type(base).__name__} has no rotary_emb module")
-    rope_type = getattr(rotary, "rope_type", "default")
-    if rope_type not in POSITION_ONLY_ROPE:
-        raise LeanGraphUnsupported(
-            f"rope type {rope_type!r} depends on the sequence length, which GroupQueryAttention's fixed cos/sin "
-            f"tables cannot follow (supported: {', '.join(POSITION_ONLY_ROPE)}); export with graph='plain'")
+    for module in (rotary, getattr(base, "rotary_emb_local", None)):
+        rope_type = getattr(module, "rope_type", "default")
+        if module is not None and rope_type not in POSITION_ONLY_ROPE:
+            raise LeanGraphUnsupported(
+                f"rope type {rope_type!r} depends on the sequence length, which GroupQueryAttention's fixed cos/sin "
+                f"tables cannot follow (supported: {', '.join(POSITION_ONLY_ROPE)}); export with graph='plain'")
+    if getattr(config, "use_bidirectional_attention", False):
+        raise LeanGraphUnsupported("bidirectional attention: GroupQueryAttention is causal")
     for i, layer in enumerate(base.layers):
         attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        projections = ("qkv_proj",) if hasattr(attn, "qkv_proj") else ("q_proj", "k_proj", "v_proj")
+        for name in projections + ("o_proj",) + (
+                ("q_norm", "k_norm") if config.model_type in HEAD_NORM_ARCHITECTURES else ()):
             if not hasattr(attn, name):
                 raise LeanGraphUnsupported(f"layer {i}'s attention has no {name}")
         for name in ("input_layernorm", "post_attention_layernorm"):
             if not hasattr(getattr(layer, name, None), "weight"):
                 raise LeanGraphUnsupported(f"layer {i} has no RMSNorm {name}")
+    head_dim = base.layers[0].self_attn.head_dim
+    rotary_dim = int(head_dim * getattr(config, "partial_rotary_factor", 1.0))
+    if (rotary_dim // 2) % 8:  # ORT 1.31's GroupQueryAttention: cos/sin tables of a multiple of 8 columns
+        raise LeanGraphUnsupported(f"a rotary embedding over {rotary_dim} of {head_dim} dims: GroupQueryAttention "
+                                   "needs rotary_dim / 2 to be a multiple of 8")
     if getattr(config, "num_attention_heads", 0) % (getattr(config, "num_key_value_heads", None) or 1):
         raise LeanGraphUnsupported("num_attention_heads is not a multiple of num_key_value_heads")
 
@@ -239,7 +274,8 @@ def supported(model) -> str | None:
 
 
 def _base_model(model):
-    return getattr(model, model.base_model_prefix, model)
+    base = getattr(model, model.base_model_prefix, None)  # Gemma3ForCausalLM's prefix names no attribute
+    return base if base is not None else getattr(model, "model", model)
 
 
 def _eps(norm, config) -> float:
@@ -251,18 +287,19 @@ def _eps(norm, config) -> float:
 
 def _window(attn, config) -> int:
     """GroupQueryAttention's local_window_size: HF's sliding window (keys with q - k < window), or -1."""
-    if config.model_type == "qwen2":
+    if config.model_type in PER_LAYER_WINDOW:
         window = getattr(attn, "sliding_window", None)  # per layer (layer_types)
     else:
         window = getattr(config, "sliding_window", None)
     return int(window) if window else -1
 
 
-def rotary_tables(model, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(model, dtype, rotary=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin caches [max_position_embeddings, rotary_dim/2] from the model's own rotary module
-    (attention scaling included), computed in float32 like HF does and cast to `dtype`."""
+    (default base.rotary_emb; attention scaling included), computed in float32 like HF does and cast
+    to `dtype`."""
     base = _base_model(model)
-    rotary = base.rotary_emb
+    rotary = rotary or base.rotary_emb
     n = int(model.config.max_position_embeddings)
     positions = torch.arange(n, dtype=torch.int64)[None]
     with torch.no_grad():
@@ -283,18 +320,44 @@ def _cache_layer(cache, idx):
     return layers[idx]
 
 
-def _lean_layer_forward(layer, pending, residual, cache, seqlens_k, total_len, cos_cache, sin_cache, config):
+def _scale(norm, config):
+    """The RMSNorm's multiplier: its weight, or Gemma's 1 + weight (folded into one initializer)."""
+    return norm.weight + 1.0 if config.model_type in ONE_PLUS_WEIGHT_NORMS else norm.weight
+
+
+def _norm(x, norm, config):
+    return _SimplifiedLayerNorm.apply(x, _scale(norm, config), _eps(norm, config))
+
+
+def _skip_norm(x, skip, norm, config):
+    return _SkipSimplifiedLayerNorm.apply(x, skip, _scale(norm, config), _eps(norm, config))
+
+
+def _head_norm(x, norm, head_dim: int, config):
+    """RMSNorm over each head of x [B, S, heads*head_dim]: Reshape, SimplifiedLayerNormalization, Reshape."""
+    shape = x.shape
+    return _norm(x.reshape(shape[0], shape[1], -1, head_dim), norm, config).reshape(shape)
+
+
+def _lean_layer_forward(layer, pending, residual, cache, seqlens_k, total_len, tables, config):
     """One decoder layer. `pending` is the previous layer's MLP output (None for layer 0), not yet
-    added to `residual`; returns this layer's (MLP output, residual) for the next one."""
+    added to `residual`; returns this layer's (MLP output, residual) for the next one. `tables`:
+    (cos, sin) of the global rotary embedding and, for Gemma 3, of the local one (else None)."""
     attn = layer.self_attn
-    norm = layer.input_layernorm
     if pending is None:
-        x = _SimplifiedLayerNorm.apply(residual, norm.weight, _eps(norm, config))
+        x = _norm(residual, layer.input_layernorm, config)
     else:
-        x, residual = _SkipSimplifiedLayerNorm.apply(pending, residual, norm.weight, _eps(norm, config))
-    q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        x, residual = _skip_norm(pending, residual, layer.input_layernorm, config)
     B = x.shape[0]
     kv_heads = config.num_key_value_heads or config.num_attention_heads
+    if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, split once (a Split node)
+        q_size, kv_size = config.num_attention_heads * attn.head_dim, kv_heads * attn.head_dim
+        q, k, v = attn.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    if config.model_type in HEAD_NORM_ARCHITECTURES:  # Qwen3: RMSNorm of each head, then GQA's rotary
+        q = _head_norm(q, attn.q_norm, attn.head_dim, config)
+        k = _head_norm(k, attn.k_norm, attn.head_dim, config)
     cached = _cache_layer(cache, attn.layer_idx)
     if cached is not None and getattr(cached, "is_initialized", False):
         if type(cached).__name__ != "DynamicLayer":
@@ -302,22 +365,27 @@ def _lean_layer_forward(layer, pending, residual, cache, seqlens_k, total_len, c
         past_k, past_v = cached.keys, cached.values
     else:
         past_k = past_v = torch.zeros(B, kv_heads, 0, attn.head_dim, dtype=x.dtype, device=x.device)
+    cos_cache, sin_cache = tables[1] if tables[1] is not None and getattr(attn, "is_sliding", False) else tables[0]
     out, present_k, present_v = _GroupQueryAttention.apply(
         q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, int(config.num_attention_heads),
-        int(kv_heads), float(attn.scaling), _window(attn, config))
+        int(kv_heads), float(attn.scaling), _window(attn, config),
+        float(getattr(attn, "attn_logit_softcapping", None) or 0.0))
     if cached is not None and getattr(cached, "is_initialized", False):
         cached.keys, cached.values = present_k, present_v  # Optimum reads the present outputs here
     elif cache is not None:
         cache.update(present_k, present_v, attn.layer_idx)
     a = attn.o_proj(out)
-    norm = layer.post_attention_layernorm
-    x, residual = _SkipSimplifiedLayerNorm.apply(a, residual, norm.weight, _eps(norm, config))
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2/3: a norm on each side of both sublayers
+        a = _norm(a, layer.post_attention_layernorm, config)
+        x, residual = _skip_norm(a, residual, layer.pre_feedforward_layernorm, config)
+        return _norm(layer.mlp(x), layer.post_feedforward_layernorm, config), residual
+    x, residual = _skip_norm(a, residual, layer.post_attention_layernorm, config)
     return layer.mlp(x), residual
 
 
 def _lean_model_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                         inputs_embeds=None, use_cache=None, cache_position=None, **kwargs):
-    """LlamaModel/MistralModel/Qwen2Model.forward, lean: no causal mask, no rotary construction
+    """LlamaModel/MistralModel/Qwen2Model/Qwen3Model/Phi3Model.forward, lean: no causal mask, no rotary construction
     (position_ids is accepted and, as in GroupQueryAttention, positions come from the cache)."""
     from transformers.cache_utils import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -326,6 +394,8 @@ def _lean_model_forward(self, input_ids=None, attention_mask=None, position_ids=
         raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
     if inputs_embeds is None:
         inputs_embeds = self.embed_tokens(input_ids)
+    if self.config.model_type in SCALED_EMBEDDING:  # as GemmaModel: the normalizer in the embeddings' dtype
+        inputs_embeds = inputs_embeds * torch.tensor(self.config.hidden_size ** 0.5, dtype=inputs_embeds.dtype)
     if use_cache is None:
         use_cache = self.config.use_cache
     if use_cache and past_key_values is None:
@@ -337,16 +407,16 @@ def _lean_model_forward(self, input_ids=None, attention_mask=None, position_ids=
     # GroupQueryAttention's two length inputs, computed once: ReduceSum/Sub/Cast and Shape/Gather/Cast.
     seqlens_k = _to(_to(attention_mask, torch.int64).sum(-1) - 1, torch.int32)
     total_len = _to(torch._shape_as_tensor(attention_mask)[1], torch.int32)
-    cos_cache = _to(getattr(self, COS_CACHE), inputs_embeds.dtype)
-    sin_cache = _to(getattr(self, SIN_CACHE), inputs_embeds.dtype)
+    tables = [tuple(_to(getattr(self, name), inputs_embeds.dtype) for name in names) if hasattr(self, names[0])
+              else None for names in ((COS_CACHE, SIN_CACHE), (COS_CACHE_LOCAL, SIN_CACHE_LOCAL))]
     pending, residual = None, inputs_embeds
     for layer in self.layers[: self.config.num_hidden_layers]:
         pending, residual = _lean_layer_forward(layer, pending, residual, past_key_values, seqlens_k, total_len,
-                                                cos_cache, sin_cache, self.config)
+                                                tables, self.config)
     if pending is None:
-        hidden = _SimplifiedLayerNorm.apply(residual, self.norm.weight, _eps(self.norm, self.config))
+        hidden = _norm(residual, self.norm, self.config)
     else:
-        hidden, _ = _SkipSimplifiedLayerNorm.apply(pending, residual, self.norm.weight, _eps(self.norm, self.config))
+        hidden, _ = _skip_norm(pending, residual, self.norm, self.config)
     return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values if use_cache else None)
 
 
@@ -364,6 +434,11 @@ def patched(model, dtype=None):
     # by every layer (non-persistent buffers would be inlined as Constant nodes).
     base.register_buffer(COS_CACHE, cos, persistent=True)
     base.register_buffer(SIN_CACHE, sin, persistent=True)
+    local = getattr(base, "rotary_emb_local", None)
+    if local is not None:
+        cos_local, sin_local = rotary_tables(model, dtype, local)
+        base.register_buffer(COS_CACHE_LOCAL, cos_local, persistent=True)
+        base.register_buffer(SIN_CACHE_LOCAL, sin_local, persistent=True)
     base.forward = _lean_model_forward.__get__(base, type(base))
     try:
         yield model
@@ -372,8 +447,8 @@ def patched(model, dtype=None):
             base.forward = old_forward
         else:
             del base.forward
-        del base._buffers[COS_CACHE]
-        del base._buffers[SIN_CACHE]
+        for name in (COS_CACHE, SIN_CACHE, COS_CACHE_LOCAL, SIN_CACHE_LOCAL):
+            base._buffers.pop(name, None)
 
 
 def finalize(model_path, vocab_size: int | None = None) -> None:

@@ -64,13 +64,22 @@ class _SqueezeMatMulFunction(torch.autograd.Function):
         # torch's exporter may compute the producer of x in fp32 (e.g. attention upcast in an fp16
         # model) while recording fp16: the op needs A in the LUT's type, and ORT drops the Cast
         # where it is a no-op.
-        x = g.op("Cast", x, to_i=_ONNX_FLOAT_TYPES[lut.type().scalarType()])
-        inputs = [x, qweight, lut]
+        a = g.op("Cast", x, to_i=_ONNX_FLOAT_TYPES[lut.type().scalarType()])
+        inputs = [a, qweight, lut]
         if indptr is not None or bias is not None:
             inputs += [indptr, indices, values] if indptr is not None else [_omitted(g)] * 3
         if bias is not None:
             inputs.append(bias)
-        return g.op(f"{DOMAIN}::{OP_TYPE}", *inputs, K_i=K, N_i=N, bits_i=bits)
+        y = g.op(f"{DOMAIN}::{OP_TYPE}", *inputs, K_i=K, N_i=N, bits_i=bits)
+        # Y's shape for the exporter (ONNX shape inference does not know the op): without it the
+        # shape-dependent ops of an MoE router (its expert-mask squeeze) become If nodes whose dead
+        # branch ORT refuses to type-check (as nbits_linear.py does for MatMulNBits).
+        from torch.onnx import symbolic_helper
+
+        sizes = symbolic_helper._get_tensor_sizes(x)
+        if sizes is not None:
+            y.setType(x.type().with_dtype(lut.type().dtype()).with_sizes([*sizes[:-1], N]))
+        return y
 
 
 _ONNX_FLOAT_TYPES = {"Float": 1, "Half": 10}  # ONNX TensorProto.FLOAT, FLOAT16

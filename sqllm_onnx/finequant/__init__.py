@@ -95,27 +95,11 @@ class NBitsModel:
 
 
 def target_layers(model, quantize_lm_head: bool = False) -> list[str]:
-    """The linears FineQuant quantizes: the decoder projections SqueezeLLM quantizes
-    (sqllm_onnx.quantize.targets), plus every nn.Linear inside an `experts` container of a
-    mixture-of-experts block (the routers stay in floating point)."""
-    import torch
-
+    """The linears FineQuant quantizes: the same discovery as SqueezeLLM (sqllm_onnx.quantize.targets:
+    every linear of the decoder blocks, MoE experts included, routers left in floating point)."""
     from sqllm_onnx.quantize.targets import linear_layer_names
 
-    try:
-        names = linear_layer_names(model, quantize_lm_head)
-    except ValueError as e:  # no decoder projection: an MoE model may still have experts
-        if "found no linear layer" not in str(e):
-            raise
-        names = []
-    seen = set(names)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".experts." in f".{name}." and name not in seen:
-            names.append(name)
-            seen.add(name)
-    if not names:
-        raise ValueError(f"found no linear layer to quantize in this {type(model).__name__}")
-    return names
+    return linear_layer_names(model, quantize_lm_head)
 
 
 def quantize_model(model, config: FineQuantConfig, progress: bool = False, log=None) -> NBitsModel:

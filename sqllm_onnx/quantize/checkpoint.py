@@ -237,6 +237,9 @@ def apply_to_model(model, qmodel: QuantizedModel) -> None:
     W = reference.dequantize(...) cast to the model's dtype, bias as stored."""
     import torch
 
+    from sqllm_onnx.quantize.targets import check_layer_names
+
+    check_layer_names(model, qmodel.layers, "the checkpoint")
     for name, layer in qmodel.layers.items():
         try:
             module = model.get_submodule(name)

@@ -5,6 +5,13 @@ next-token cross-entropy of sample s. One forward and one backward per sample (b
 squared gradient is a per-sample gradient; squares accumulate in one fp32 buffer per weight as soon as
 each gradient is ready (a post-accumulate-grad hook), so no gradient outlives its backward pass and
 no per-sample gradient is ever stored.
+
+Experts of a mixture-of-experts block see only the tokens routed to them, and some see few or none
+during calibration: a Fisher summed over a handful of tokens ranks weights by noise. The pass counts
+the tokens each layer's forward receives, and the buffer of a layer that saw fewer than
+`min_tokens(total)` tokens (1 % of the calibration tokens, at least 16) is set to zero, which the
+quantizer reads as "no sensitivity signal": that layer gets unweighted k-means and its whole sparse
+budget goes to magnitude outliers (quantizer.quantize_model). Dense layers see every token.
 """
 
 from __future__ import annotations
@@ -18,6 +25,13 @@ from pathlib import Path
 import numpy as np
 
 FP16_LOSS_SCALE = 1024.0  # keeps fp16 gradients of small models above the subnormal range
+
+
+MIN_TOKENS, MIN_TOKENS_FRACTION = 16, 0.01  # below this many tokens a layer's Fisher is dropped (see above)
+
+
+def min_tokens(total_tokens: int) -> int:
+    return max(MIN_TOKENS, int(np.ceil(MIN_TOKENS_FRACTION * total_tokens)))
 
 
 SAVE_EVERY_S = float(os.environ.get("SQLLM_FISHER_SAVE_S", "120"))  # progress saves of an interruptible pass
@@ -46,11 +60,13 @@ def compute_fisher(model, windows: np.ndarray, layer_names: list[str], device: s
     was_training = model.training
     modules = {name: model.get_submodule(name) for name in layer_names}
     fisher = {name: torch.zeros(m.weight.shape, dtype=torch.float32, device=device) for name, m in modules.items()}
+    tokens = dict.fromkeys(layer_names, 0)  # tokens each layer's forward received
     done = 0
     if progress_file is not None and Path(progress_file).is_file():
-        saved, done = load_progress(progress_file, meta, layer_names)
+        saved, done, saved_tokens = load_progress(progress_file, meta, layer_names)
         for name, buf in saved.items():
             fisher[name].copy_(buf)
+        tokens.update(saved_tokens)
     scale = FP16_LOSS_SCALE if params[0].dtype == torch.float16 else 1.0
     hooks = []
     try:
@@ -70,6 +86,11 @@ def compute_fisher(model, windows: np.ndarray, layer_names: list[str], device: s
                 p.grad = None
 
             hooks.append(w.register_post_accumulate_grad_hook(accumulate))
+
+            def count(module, args, name=name):
+                tokens[name] += args[0].numel() // args[0].shape[-1] if args[0].numel() else 0
+
+            hooks.append(m.register_forward_pre_hook(count))
         skipped = 0
         last_save = time.monotonic()
         bar = tqdm(total=len(windows), initial=done, desc="calibration (Fisher)", unit="sample", disable=not progress)
@@ -82,7 +103,7 @@ def compute_fisher(model, windows: np.ndarray, layer_names: list[str], device: s
                 (loss * scale).backward()
             bar.update(1)
             if progress_file is not None and i + 1 < len(windows) and time.monotonic() - last_save > SAVE_EVERY_S:
-                save_progress(fisher, i + 1, progress_file, meta)
+                save_progress(fisher, i + 1, progress_file, meta, tokens)
                 last_save = time.monotonic()
         bar.close()
         if skipped == len(windows) - done and done == 0:
@@ -99,22 +120,27 @@ def compute_fisher(model, windows: np.ndarray, layer_names: list[str], device: s
         if not torch.isfinite(buf).all():
             raise RuntimeError(f"the Fisher of {name} is not finite (gradient overflow?); use a float32 or "
                                "bfloat16 model for calibration")
+    floor = min_tokens(windows.size)
+    for name, seen in tokens.items():
+        if seen < floor:  # an expert that too few tokens reached: no sensitivity signal (module docstring)
+            fisher[name].zero_()
     return {name: buf.cpu() for name, buf in fisher.items()}
 
 
-def save_progress(fisher: dict, samples_done: int, path: str | Path, meta: dict | None) -> None:
-    save_fisher({k: v.cpu() for k, v in fisher.items()}, path, {"pass": meta, "samples_done": samples_done})
+def save_progress(fisher: dict, samples_done: int, path: str | Path, meta: dict | None, tokens: dict) -> None:
+    save_fisher({k: v.cpu() for k, v in fisher.items()}, path,
+                {"pass": meta, "samples_done": samples_done, "tokens": tokens})
 
 
-def load_progress(path: str | Path, meta: dict | None, layer_names) -> tuple[dict, int]:
-    """(partial sums, samples they cover) of a pass interrupted after `save_progress`."""
+def load_progress(path: str | Path, meta: dict | None, layer_names) -> tuple[dict, int, dict]:
+    """(partial sums, samples they cover, tokens per layer) of a pass interrupted after `save_progress`."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         saved = json.loads((f.metadata() or {}).get("sqllm_onnx_fisher", "null")) or {}
     if saved.get("pass") != json.loads(json.dumps(meta, sort_keys=True)):
         raise ValueError(f"{path} holds the partial Fisher of another calibration; delete it to start over")
-    return load_fisher(path, {"pass": meta, "samples_done": saved["samples_done"]}, layer_names), int(saved["samples_done"])
+    return load_fisher(path, saved, layer_names), int(saved["samples_done"]), dict(saved.get("tokens") or {})
 
 
 def windows_digest(windows: np.ndarray) -> str:

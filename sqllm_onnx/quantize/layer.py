@@ -41,7 +41,8 @@ def quantize_weight(W: torch.Tensor, fisher: torch.Tensor | None, config: QuantC
     """Quantize one [N, K] weight (an nn.Linear's orientation) into a PackedLinear plus statistics.
 
     `fisher` (same shape, >= 0) weights the k-means of "squeezellm" and ranks the sensitive values;
-    it may be None when the config needs no Fisher.
+    None (no Fisher, or none worth having: a starved expert) means unweighted k-means and the whole
+    sparse budget for outliers.
     """
     start = time.perf_counter()
     solver, outlier_rule = config.kmeans_solver, config.outlier_rule
@@ -65,7 +66,7 @@ def quantize_weight(W: torch.Tensor, fisher: torch.Tensor | None, config: QuantC
     def cluster(sparse_mask):
         """The stored table (rounded to T) with the sparse values given zero weight."""
         dense = (~sparse_mask).float()
-        if config.method == "squeezellm":  # sample weights: Fisher, or uniform without Fisher signal
+        if config.method == "squeezellm" and F is not None:  # sample weights: Fisher, or uniform without signal
             weights = F * dense
             weights = torch.where(weights.sum(dim=1, keepdim=True) <= 0, dense, weights)
         else:

@@ -144,7 +144,11 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
         bar.set_postfix_str(name, refresh=False)
         file = _layer_file(partial, name) if partial is not None else None
         module = model.get_submodule(name)
-        layer, st = quantize_weight(module.weight, F.get(name), config, bias=module.bias, name=name, device=device)
+        layer_fisher = F.get(name)
+        if layer_fisher is not None and not bool(layer_fisher.any()):
+            layer_fisher = None  # a zero Fisher: the layer saw too few tokens (fisher.py), no signal to weight by
+        layer, st = quantize_weight(module.weight, layer_fisher, config, bias=module.bias, name=name, device=device)
+        st["fisher_fallback"] = config.needs_fisher and layer_fisher is None
         layers[name], stats[name] = layer, st
         if file is not None:
             ckpt.save_arrays_atomic(file, ckpt.layer_arrays(name, layer),
@@ -158,7 +162,8 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
     numel = sum(s["N"] * s["K"] for s in stats.values())
     werr = [s["weighted_error"] for s in stats.values()]
     total.update({"weights": numel, "layers": len(names), "nnz_percent": 100.0 * total["nnz"] / max(numel, 1),
-                  "weighted_error": None if any(e is None for e in werr) else sum(werr)})
+                  "weighted_error": None if all(e is None for e in werr) else sum(e for e in werr if e is not None),
+                  "fisher_fallback_layers": sum(bool(s.get("fisher_fallback")) for s in stats.values())})
     manifest = {
         "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "sqllm_onnx_version": __version__,
         "method": config.method, "bits": config.bits, "sparsity": config.sparsity,
@@ -169,6 +174,8 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
                       if config.method != "rtn" else "uniform min..max grid per output row",
                       "sample_weights": "fisher" if config.method == "squeezellm" else "uniform",
                       "sensitive": "top Fisher per matrix", "outliers": f"{config.outlier_rule} per matrix",
+                      "fisher_fallback": f"layers that saw < {fisher_mod.MIN_TOKENS_FRACTION:.0%} of the calibration "
+                      f"tokens (at least {fisher_mod.MIN_TOKENS}): unweighted k-means, magnitude outliers only",
                       "native_kmeans": _native_used(config, device)},
         "model": {**model_id, "config": _model_config(model)},
         "run": run_id,
