@@ -309,6 +309,37 @@ static double GraphTimeUs(F&& enqueue_round, int launches_per_round) {
   return ms[ms.size() / 2] * 1e3 / (rounds * launches_per_round);
 }
 
+#if SQLLM_TC_PROFILE
+namespace sqllm::cuda {
+std::string ReadDecodeTcProfile(unsigned long long (*out)[6], int ctas);
+}
+// Per-CTA phases of the last launch of the last graph replay (consumer thread 0, SM clocks).
+static void PrintProfile(int K, int N, int bits) {
+  std::vector<unsigned long long> v(2048 * 6);
+  const std::string e = sqllm::cuda::ReadDecodeTcProfile(reinterpret_cast<unsigned long long (*)[6]>(v.data()), 2048);
+  if (!e.empty()) { std::printf("profile: %s\n", e.c_str()); return; }
+  int ctas = 0;
+  double pdl = 0, pro = 0, loop = 0, loop_max = 0;
+  unsigned long long g0 = ~0ull, g1 = 0, gmax_entry = 0;
+  for (int c = 0; c < 2048; ++c) {
+    const unsigned long long* r = &v[6 * c];
+    if (!r[0] || r[3] < r[2]) continue;
+    ++ctas;
+    pdl += r[1] - r[0];
+    pro += r[2] - r[0];
+    loop += r[3] - r[2];
+    loop_max = std::max(loop_max, double(r[3] - r[2]));
+    g0 = std::min(g0, r[4]);
+    gmax_entry = std::max(gmax_entry, r[4]);
+    g1 = std::max(g1, r[5]);
+  }
+  if (!ctas || !K) return;
+  std::printf("  profile %dx%d %db: %d CTAs; cycles per CTA: PdlWait %.0f, prologue (incl. PdlWait, A) %.0f, tile loop %.0f "
+              "(max %.0f); span first entry -> last end %.2f us, last entry at +%.2f us\n",
+              K, N, bits, ctas, pdl / ctas, pro / ctas, loop / ctas, loop_max, (g1 - g0) * 1e-3, (gmax_entry - g0) * 1e-3);
+}
+#endif
+
 struct BenchRow {
   int M, K, N, bits;
   double density;
@@ -332,7 +363,13 @@ static BenchRow Bench(int M, int K, int N, int bits, double density, double copy
   };
   BenchRow row{M, K, N, bits, density};
   g_pdl = true;
+#if SQLLM_TC_PROFILE
+  PrintProfile(0, 0, 0);  // clears what earlier rows left
+#endif
   row.us = GraphTimeUs(round, sets);
+#if SQLLM_TC_PROFILE
+  PrintProfile(K, N, bits);
+#endif
   g_pdl = false;
   row.us_nopdl = GraphTimeUs(round, sets);
   g_pdl = true;

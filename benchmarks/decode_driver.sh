@@ -28,10 +28,13 @@ if has build; then
   echo "built: ${names[*]}"
 fi
 first=${names[0]}
-if has check; then
-  "$BIN/$first" check > "$OUT/check.log" 2>&1; rc=$?
-  grep -E "FAIL|failed" "$OUT/check.log" | head -40
-  [ $rc -eq 0 ] || echo "check rc=$rc"
+if has check; then  # every variant against the float64 reference
+  for n in "${names[@]}"; do
+    "$BIN/$n" check > "$OUT/check_$n.log" 2>&1; rc=$?
+    echo "check $n: $(grep -E "checks failed" "$OUT/check_$n.log" | tail -1)"
+    grep -E "FAIL" "$OUT/check_$n.log" | head -10
+    [ $rc -eq 0 ] || echo "check $n rc=$rc"
+  done
 fi
 if has bench; then
   for n in "${names[@]}"; do

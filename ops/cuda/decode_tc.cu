@@ -70,8 +70,36 @@
 #ifndef SQLLM_TC_EXPERIMENT
 #define SQLLM_TC_EXPERIMENT 0
 #endif
+#ifndef SQLLM_TC_PROFILE
+#define SQLLM_TC_PROFILE 0
+#endif
 
 namespace sqllm::cuda {
+
+#if SQLLM_TC_PROFILE  // kernel work only (benchmarks/decode_driver.sh): per-CTA clocks of the last launch
+// per CTA: clock64 at entry, after PdlWait, at the loop start, at the end; globaltimer at entry and end
+__device__ unsigned long long g_tc_profile[2048][6];
+std::string ReadDecodeTcProfile(unsigned long long (*out)[6], int ctas) {  // and clears it for the next run
+  cudaError_t e = cudaMemcpyFromSymbol(out, g_tc_profile, sizeof(unsigned long long) * 6 * ctas);
+  static const unsigned long long zeros[2048][6] = {};
+  if (e == cudaSuccess) e = cudaMemcpyToSymbol(g_tc_profile, zeros, sizeof(zeros));
+  return e == cudaSuccess ? "" : cudaGetErrorString(e);
+}
+__device__ __forceinline__ unsigned long long GlobalTimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define SQLLM_PROFILE_MARK(i)                                    \
+  if (tid == 0 && blockIdx.x < 2048) {                           \
+    g_tc_profile[blockIdx.x][i] = clock64();                     \
+    if (i == 0) g_tc_profile[blockIdx.x][4] = GlobalTimer();     \
+    if (i == 3) g_tc_profile[blockIdx.x][5] = GlobalTimer();     \
+  }
+#else
+#define SQLLM_PROFILE_MARK(i)
+#endif
+
 namespace {
 
 constexpr int kConsumerWarps = SQLLM_TC_WARPS;
@@ -439,7 +467,9 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
   }
 
   // ---- consumers ----
+  SQLLM_PROFILE_MARK(0);
   PdlWait();  // A, the CSR and the bias may come from the previous kernel, and Y may be its input
+  SQLLM_PROFILE_MARK(1);
   const int Kp = p.groups * 64;
   for (int m = 0; m < p.M; ++m) {
     __half* row = reinterpret_cast<__half*>(smem + C::kAOff + m * p.rs);
@@ -456,6 +486,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
   BuildTables<BITS>(tables, smem + C::kRingOff + C::kStageBytes, min(16, p.N - 16 * t0), tid);
   ConsumerBarrier();
   if (p.a_bulk) MbarWait(a_ready, 0);
+  SQLLM_PROFILE_MARK(2);
 
   const int g = lane >> 2, t = lane & 3;
   const unsigned char* a_lane = smem + C::kAOff + (g < p.M ? g : 0) * p.rs;
@@ -557,6 +588,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
       sacc_b[r * 8 + m] = 0.f;
     }
   }
+  SQLLM_PROFILE_MARK(3);
 #endif
 }
 
