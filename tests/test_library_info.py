@@ -80,3 +80,14 @@ def test_info_warns_about_cpu_and_gpu_onnxruntime_together(monkeypatch):
     assert any("both onnxruntime and onnxruntime-gpu" in w for w in info.report()["warnings"])
     monkeypatch.setattr(info, "installed_distributions", lambda: {"onnxruntime-gpu": "1.31.1"})
     assert not any("both" in w for w in info.report()["warnings"])
+
+
+def test_cuda_without_onnxruntime_gpu_is_one_clear_error(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(make_model(random_layer(np.random.default_rng(0), 64, 16, 3))
+                                          .SerializeToString())
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(UserError, match=r"CUDAExecutionProvider is not available.*pip install onnxruntime-gpu"):
+        session_mod.open_session(tmp_path, provider="cuda")

@@ -36,8 +36,11 @@ def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
     if provider not in PROVIDERS:
         raise ValueError(f"provider must be one of {sorted(PROVIDERS)}, got {provider!r}")
     if PROVIDERS[provider] not in ort.get_available_providers():
-        raise RuntimeError(f"{PROVIDERS[provider]} is not available in this onnxruntime "
-                           f"({ort.get_available_providers()}); install onnxruntime-gpu for --provider cuda")
+        from sqllm_onnx.errors import UserError
+
+        raise UserError(f"{PROVIDERS[provider]} is not available in this onnxruntime "
+                        f"({', '.join(ort.get_available_providers())}): for --provider cuda replace onnxruntime by "
+                        f"onnxruntime-gpu (`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`)")
     so = quiet(ort.SessionOptions())
     so.intra_op_num_threads = threads
     sqllm_onnx.register(so)
