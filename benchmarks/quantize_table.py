@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-ROWS = ["rtn3", "km3", "sq3s0", "sq3s5", "sq3s45", "rtn4", "km4", "sq4s0", "sq4s5", "sq4s45"]
+ROWS = ["rtn3", "km3", "sq3s0", "sq3s5", "sq3s45", "lnq3s0", "lnq3s45", "rtn4", "km4", "sq4s0", "sq4s5", "sq4s45",
+        "lnq4s0", "lnq4s45"]
 
 
 def bits_per_weight(manifest: dict) -> float:

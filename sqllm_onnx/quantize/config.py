@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-METHODS = ("squeezellm", "kmeans", "rtn")
+METHODS = ("squeezellm", "lnq", "kmeans", "rtn")
 KMEANS_SOLVERS = ("exact", "lloyd")
 OUTLIER_RULES = ("magnitude", "row-iqr", "error")
 LUT_DTYPES = ("float16", "float32")
@@ -22,8 +22,12 @@ class QuantConfig:
       its checkpoints name it: 0.45 means 0.45 %, i.e. 45 weights in 10 000.
     - ``sensitive``: the part of ``sparsity`` (percent) taken by the largest Fisher values; the rest
       goes to outliers. Default: 0.05 when ``sparsity >= 0.05``, else all of ``sparsity``.
-    - ``method``: "squeezellm" (Fisher-weighted k-means), "kmeans" (unweighted k-means) or "rtn"
-      (per-channel round-to-nearest on a uniform grid, written as a LUT).
+    - ``method``: "squeezellm" (Fisher-weighted k-means), "lnq" (the same format with codes and
+      tables chosen by error feedback over calibration activations, layer by layer: `lnq`),
+      "kmeans" (unweighted k-means) or "rtn" (per-channel round-to-nearest on a uniform grid,
+      written as a LUT).
+    - ``lnq_iters`` ("lnq" only): passes of code assignment (GPTQ-style, with error feedback) each
+      followed by a least-squares re-fit of the tables.
     - ``calib_data``: None or "stdlib" (the calibration part of pydoc_data.topics), a text file, or
       "hf:NAME[:CONFIG][:SPLIT]".
     - ``kmeans_solver`` (ablation): "exact" (the optimal weighted 1-D k-means, default) or "lloyd".
@@ -45,6 +49,7 @@ class QuantConfig:
     device: str | None = None
     kmeans_solver: str = "exact"
     outlier_rule: str = "magnitude"
+    lnq_iters: int = 2
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,6 +68,11 @@ class QuantConfig:
             if self.sensitive > self.sparsity:
                 raise ValueError(f"sensitive ({self.sensitive} %) cannot exceed sparsity ({self.sparsity} %): "
                                  "the sensitive values are part of the sparse values")
+        if isinstance(self.lnq_iters, bool) or not isinstance(self.lnq_iters, int) or self.lnq_iters < 1:
+            raise ValueError(f"lnq_iters must be a positive integer (got {self.lnq_iters!r})")
+        if self.method == "lnq" and self.quantize_lm_head:
+            raise ValueError("method lnq quantizes the decoder blocks' projections only; use --method squeezellm "
+                             "to quantize lm_head")
         if self.kmeans_solver not in KMEANS_SOLVERS:
             raise ValueError(f"kmeans_solver must be one of {', '.join(KMEANS_SOLVERS)} (got {self.kmeans_solver!r})")
         if self.outlier_rule not in OUTLIER_RULES:
@@ -96,7 +106,7 @@ class QuantConfig:
     @property
     def needs_fisher(self) -> bool:
         """Fisher sensitivity is needed for weighted k-means and for picking sensitive values."""
-        return self.method == "squeezellm" or (self.sparsity > 0 and self.sensitive_percent > 0)
+        return self.method in ("squeezellm", "lnq") or (self.sparsity > 0 and self.sensitive_percent > 0)
 
     @property
     def torch_lut_dtype(self):
@@ -121,6 +131,8 @@ class QuantConfig:
                 d[k] = None
         if self.method == "rtn":
             d["kmeans_solver"] = None
+        if self.method != "lnq":  # (so that runs of the other methods keep their fingerprint)
+            d.pop("lnq_iters")
         if self.sparsity == 0 or self.outlier_percent == 0:
             d["outlier_rule"] = None
         return d

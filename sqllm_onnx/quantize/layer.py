@@ -36,6 +36,55 @@ def fit_tables(W: torch.Tensor, weights: torch.Tensor | None, bits: int, method:
     return out
 
 
+def prepare(W: torch.Tensor, fisher: torch.Tensor | None, name: str = "", device="cpu"):
+    """(W float32, Fisher float32 >= 0 or None, the weight's own dtype) on `device`, checked."""
+    if W.ndim != 2:
+        raise ValueError(f"{name or 'weight'}: expected a 2-D weight, got shape {tuple(W.shape)}")
+    weight_dtype = W.dtype if W.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+    W = W.detach().to(device=device, dtype=torch.float32)
+    F = None if fisher is None else fisher.detach().to(device=device, dtype=torch.float32).clamp_min(0)
+    if F is not None and F.shape != W.shape:
+        raise ValueError(f"{name}: Fisher shape {tuple(F.shape)} differs from the weight's {tuple(W.shape)}")
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name}: the weight holds NaN or Inf")
+    return W, F, weight_dtype
+
+
+def split_and_cluster(W: torch.Tensor, F: torch.Tensor | None, config: QuantConfig, name: str = ""):
+    """The dense-and-sparse split and the first table: (sensitive, outliers, stored table rounded to
+    the LUT dtype), the sparse values given zero weight in the clustering."""
+    solver, outlier_rule = config.kmeans_solver, config.outlier_rule
+    T = config.torch_lut_dtype
+    N, K = W.shape
+    n_total = decompose.count_for(config.sparsity, N * K)
+    n_sensitive = min(decompose.count_for(config.sensitive_percent, N * K), n_total) if F is not None else 0
+    n_outliers = n_total - n_sensitive
+    generator = kmeans.row_generator(config.seed, name, device=W.device)
+    fisher_weighted = config.method in ("squeezellm", "lnq")
+
+    def cluster(sparse_mask):
+        """The stored table (rounded to T) with the sparse values given zero weight."""
+        dense = (~sparse_mask).float()
+        if fisher_weighted and F is not None:  # sample weights: Fisher, or uniform without Fisher signal
+            weights = F * dense
+            weights = torch.where(weights.sum(dim=1, keepdim=True) <= 0, dense, weights)
+        else:
+            weights = dense
+        return fit_tables(W, weights, config.bits, "rtn" if config.method == "rtn" else "kmeans",
+                          generator, solver).to(T)
+
+    if outlier_rule == "error" and n_outliers > 0:
+        # outliers = the largest (Fisher-weighted) errors of a first clustering without them
+        sensitive, _ = decompose.select_sparse(W, F, n_sensitive, 0)
+        first = cluster(sensitive).double()
+        q = torch.gather(first, 1, kmeans.assign_nearest(W.double(), first))
+        score = (W.double() - q) ** 2 * (F.double() if F is not None and fisher_weighted else 1.0)
+        outliers = decompose._top_mask(score, n_outliers, exclude=sensitive)
+    else:
+        sensitive, outliers = decompose.select_sparse(W, F, n_sensitive, n_outliers, outlier_rule)
+    return sensitive, outliers, cluster(sensitive | outliers)
+
+
 def quantize_weight(W: torch.Tensor, fisher: torch.Tensor | None, config: QuantConfig, *, bias=None,
                     name: str = "", device: str | torch.device = "cpu") -> tuple[PackedLinear, dict]:
     """Quantize one [N, K] weight (an nn.Linear's orientation) into a PackedLinear plus statistics.
@@ -45,50 +94,27 @@ def quantize_weight(W: torch.Tensor, fisher: torch.Tensor | None, config: QuantC
     sparse budget for outliers.
     """
     start = time.perf_counter()
-    solver, outlier_rule = config.kmeans_solver, config.outlier_rule
-    if W.ndim != 2:
-        raise ValueError(f"{name or 'weight'}: expected a 2-D weight, got shape {tuple(W.shape)}")
+    W, F, weight_dtype = prepare(W, fisher, name, device)
+    sensitive, outliers, table = split_and_cluster(W, F, config, name)
+    codes = kmeans.assign_nearest(W.double(), table.double())  # nearest entry of the rounded table
+    return pack(W, W, table, codes, sensitive, outliers, F, config, bias, weight_dtype, start)
+
+
+def pack(W: torch.Tensor, target: torch.Tensor, table: torch.Tensor, codes: torch.Tensor, sensitive: torch.Tensor,
+         outliers: torch.Tensor, F: torch.Tensor | None, config: QuantConfig, bias, weight_dtype: torch.dtype,
+         start: float) -> tuple[PackedLinear, dict]:
+    """The PackedLinear of `table` (stored dtype) and dense `codes`, the sparse positions holding
+    `target` exactly (W itself, or the values error feedback moved them to), and its statistics
+    against the original W."""
     T = config.torch_lut_dtype
     bits = config.bits
-    weight_dtype = W.dtype if W.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-    W = W.detach().to(device=device, dtype=torch.float32)
-    F = None if fisher is None else fisher.detach().to(device=device, dtype=torch.float32).clamp_min(0)
-    if F is not None and F.shape != W.shape:
-        raise ValueError(f"{name}: Fisher shape {tuple(F.shape)} differs from the weight's {tuple(W.shape)}")
-    if not torch.isfinite(W).all():
-        raise ValueError(f"{name}: the weight holds NaN or Inf")
     N, K = W.shape
-    n_total = decompose.count_for(config.sparsity, N * K)
-    n_sensitive = min(decompose.count_for(config.sensitive_percent, N * K), n_total) if F is not None else 0
-    n_outliers = n_total - n_sensitive
-    generator = kmeans.row_generator(config.seed, name, device=W.device)
-
-    def cluster(sparse_mask):
-        """The stored table (rounded to T) with the sparse values given zero weight."""
-        dense = (~sparse_mask).float()
-        if config.method == "squeezellm" and F is not None:  # sample weights: Fisher, or uniform without signal
-            weights = F * dense
-            weights = torch.where(weights.sum(dim=1, keepdim=True) <= 0, dense, weights)
-        else:
-            weights = dense
-        return fit_tables(W, weights, bits, config.method, generator, solver).to(T)
-
-    if outlier_rule == "error" and n_outliers > 0:
-        # outliers = the largest (Fisher-weighted) errors of a first clustering without them
-        sensitive, _ = decompose.select_sparse(W, F, n_sensitive, 0)
-        first = cluster(sensitive).double()
-        q = torch.gather(first, 1, kmeans.assign_nearest(W.double(), first))
-        score = (W.double() - q) ** 2 * (F.double() if F is not None and config.method == "squeezellm" else 1.0)
-        outliers = decompose._top_mask(score, n_outliers, exclude=sensitive)
-    else:
-        sensitive, outliers = decompose.select_sparse(W, F, n_sensitive, n_outliers, outlier_rule)
     sparse = sensitive | outliers
-    table = cluster(sparse)  # the stored LUT
-
-    codes = kmeans.assign_nearest(W.double(), table.double())  # nearest entry of the rounded table
+    codes = codes.clone()
     csr = None
     if sparse.any():
-        indptr, indices, values, sparse_codes, exact = decompose.sparse_residuals(W, sparse, table, T, weight_dtype)
+        indptr, indices, values, sparse_codes, exact = decompose.sparse_residuals(target, sparse, table, T,
+                                                                                  weight_dtype)
         codes[sparse] = sparse_codes
         csr = decompose.to_numpy_csr(indptr, indices, values)
 
@@ -103,7 +129,7 @@ def quantize_weight(W: torch.Tensor, fisher: torch.Tensor | None, config: QuantC
         "weighted_error": None if F is None else float((F.double() * err).sum()),
         "sse": float(err.sum()),
         "rel_error": float(err.sum() / (W.double() ** 2).sum().clamp_min(1e-300)),
-        "sparse_max_abs_error": float(err[sparse].max().sqrt()) if csr is not None else 0.0,
+        "sparse_max_abs_error": float(((target.double() - W_hat) ** 2)[sparse].max().sqrt()) if csr is not None else 0.0,
         "sparse_inexact": int((~exact).sum()) if csr is not None else 0,
     }
     nptype = np.dtype(config.lut_dtype)

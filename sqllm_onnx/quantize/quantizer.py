@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sqllm_onnx.quantize import calibration, checkpoint as ckpt, fisher as fisher_mod
+from sqllm_onnx.quantize import calibration, checkpoint as ckpt, fisher as fisher_mod, lnq, sequential
 from sqllm_onnx.quantize.checkpoint import CheckpointError, QuantizedModel
 from sqllm_onnx.quantize.config import QuantConfig
 from sqllm_onnx.quantize.layer import quantize_weight
@@ -137,23 +137,41 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
         if file is not None and file.is_file():
             layers[name], stats[name] = _load_layer(file, name, config)
             resumed += 1
-    bar = tqdm(total=len(names), initial=resumed, desc="clustering", unit="layer", disable=not progress)
+
+    def fisher_of(name):
+        f = F.get(name)
+        if f is not None and not bool(f.any()):
+            return None  # a zero Fisher: the layer saw too few tokens (fisher.py), no signal to weight by
+        return f
+
+    def finish(name, layer, st):
+        st["fisher_fallback"] = config.needs_fisher and fisher_of(name) is None
+        layers[name], stats[name] = layer, st
+        if partial is not None:
+            ckpt.save_arrays_atomic(_layer_file(partial, name), ckpt.layer_arrays(name, layer),
+                                    {"stats": json.dumps(st), "bits": str(layer.bits), "K": str(layer.K)})
+        F.pop(name, None)  # free the buffer as soon as its layer is done
+        return layer
+
+    if config.method == "lnq":  # error feedback, block by block on the CPU (sequential, lnq)
+        bar = tqdm(total=len(names), initial=resumed, desc="error feedback (lnq)", unit="layer",
+                   disable=not progress)
+        windows, _ = calibration_record(tokenizer, config)
+        sequential.quantize_sequentially(
+            model, windows, names, done=dict(layers), bar=bar,
+            dequantized=lambda layer: torch.from_numpy(ckpt.dequantized_weight(layer)),
+            quantize_one=lambda name, module, H: finish(name, *lnq.quantize_weight_lnq(
+                module.weight, H, fisher_of(name), config, bias=module.bias, name=name)))
+        layers, stats = {n: layers[n] for n in names}, {n: stats[n] for n in names}
+    else:
+        bar = tqdm(total=len(names), initial=resumed, desc="clustering", unit="layer", disable=not progress)
     for name in names:
         if name in layers:
             continue
         bar.set_postfix_str(name, refresh=False)
-        file = _layer_file(partial, name) if partial is not None else None
         module = model.get_submodule(name)
-        layer_fisher = F.get(name)
-        if layer_fisher is not None and not bool(layer_fisher.any()):
-            layer_fisher = None  # a zero Fisher: the layer saw too few tokens (fisher.py), no signal to weight by
-        layer, st = quantize_weight(module.weight, layer_fisher, config, bias=module.bias, name=name, device=device)
-        st["fisher_fallback"] = config.needs_fisher and layer_fisher is None
-        layers[name], stats[name] = layer, st
-        if file is not None:
-            ckpt.save_arrays_atomic(file, ckpt.layer_arrays(name, layer),
-                                    {"stats": json.dumps(st), "bits": str(layer.bits), "K": str(layer.K)})
-        F.pop(name, None)  # free the buffer as soon as its layer is done
+        finish(name, *quantize_weight(module.weight, fisher_of(name), config, bias=module.bias, name=name,
+                                      device=device))
         bar.update(1)
     bar.close()
     clustering_s = time.perf_counter() - t1
@@ -164,15 +182,17 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
     total.update({"weights": numel, "layers": len(names), "nnz_percent": 100.0 * total["nnz"] / max(numel, 1),
                   "weighted_error": None if all(e is None for e in werr) else sum(e for e in werr if e is not None),
                   "fisher_fallback_layers": sum(bool(s.get("fisher_fallback")) for s in stats.values())})
+    if config.method == "lnq":  # the objective on the calibration inputs, against SqueezeLLM's layers
+        for key in ("output_error", "output_error_squeezellm"):
+            total[key] = sum(s[key] for s in stats.values())
     manifest = {
         "format": ckpt.FORMAT, "format_version": ckpt.FORMAT_VERSION, "sqllm_onnx_version": __version__,
         "method": config.method, "bits": config.bits, "sparsity": config.sparsity,
         "sensitive": config.sensitive_percent, "outliers": config.outlier_percent,
         "lut_dtype": config.lut_dtype, "seed": config.seed, "quantize_lm_head": config.quantize_lm_head,
         "calibration": calib,
-        "algorithm": {"clustering": f"{config.kmeans_solver} weighted k-means per output row"
-                      if config.method != "rtn" else "uniform min..max grid per output row",
-                      "sample_weights": "fisher" if config.method == "squeezellm" else "uniform",
+        "algorithm": {"clustering": _clustering(config),
+                      "sample_weights": "fisher" if config.method in ("squeezellm", "lnq") else "uniform",
                       "sensitive": "top Fisher per matrix", "outliers": f"{config.outlier_rule} per matrix",
                       "fisher_fallback": f"layers that saw < {fisher_mod.MIN_TOKENS_FRACTION:.0%} of the calibration "
                       f"tokens (at least {fisher_mod.MIN_TOKENS}): unweighted k-means, magnitude outliers only",
@@ -227,6 +247,17 @@ def sensitivity(model, tokenizer, config: QuantConfig, names: list[str] | None =
     if caches and caches[-1] is not None:
         fisher_mod.save_fisher(F, caches[-1], meta)
     return F, calib
+
+
+def _clustering(config: QuantConfig) -> str:
+    if config.method == "rtn":
+        return "uniform min..max grid per output row"
+    first = f"{config.kmeans_solver} weighted k-means per output row"
+    if config.method != "lnq":
+        return first
+    return (f"{first}, then {config.lnq_iters} x (GPTQ code assignment with error feedback + least-squares "
+            "table re-fit) under each layer's input Hessian, blocks in sequence through the quantized ones; "
+            "per row the lowest output error kept")
 
 
 def _native_used(config: QuantConfig, device: str) -> bool:
