@@ -20,7 +20,7 @@ from sqllm_onnx.export.exporter import ExportError, export
 from sqllm_onnx.quantize import CheckpointError, QuantConfig, load_checkpoint, quantize_model, save_checkpoint
 
 CONFIG = dict(bits=3, sparsity=0.45, lut_dtype="float32", calib_samples=4, calib_seq_len=32)
-CLI = ["--bits", "3", "--sparsity", "0.45", "--dtype", "fp32", "--calib-samples", "4", "--calib-seq-len", "32"]
+CLI = ["--method", "squeezellm", "--bits", "3", "--sparsity", "0.45", "--dtype", "fp32", "--calib-samples", "4", "--calib-seq-len", "32"]
 
 
 @pytest.fixture(scope="module")
