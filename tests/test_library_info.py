@@ -91,3 +91,23 @@ def test_cuda_without_onnxruntime_gpu_is_one_clear_error(tmp_path):
         pytest.skip("this onnxruntime has the CUDA provider")
     with pytest.raises(UserError, match=r"CUDAExecutionProvider is not available.*pip install onnxruntime-gpu"):
         session_mod.open_session(tmp_path, provider="cuda")
+
+
+def test_graphs_without_the_op_skip_the_cuda_library_check(tmp_path):
+    """A baseline folder (fp16, ORT int4) needs no CUDA kernels of ours: only graphs with SqueezeMatMul
+    are checked before a CUDA session."""
+    from onnx import TensorProto, helper
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    (plain / "model.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    assert not session_mod.uses_squeeze_matmul(plain)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "model.onnx").write_bytes(make_model(random_layer(np.random.default_rng(0), 64, 16, 3)).SerializeToString())
+    assert session_mod.uses_squeeze_matmul(ours)
+    (ours / "sqllm_manifest.json").write_text(json.dumps({"graph": {"squeeze_matmul_nodes": 0}}))
+    assert not session_mod.uses_squeeze_matmul(ours)  # the manifest's count wins

@@ -121,7 +121,8 @@ def _session(model: str | bytes, provider: str, cuda_graph: bool, threads: int):
     if provider == "cuda":
         from sqllm_onnx.runtime.session import check_cuda_library, check_placement
 
-        check_cuda_library()
+        if b"SqueezeMatMul" in (model if isinstance(model, bytes) else Path(model).read_bytes()):
+            check_cuda_library()
         opts = {"enable_cuda_graph": "1" if cuda_graph else "0"}
         before = sqllm_onnx.kernel_counts()
         session = ort.InferenceSession(model, so, providers=[("CUDAExecutionProvider", opts)])

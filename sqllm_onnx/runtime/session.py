@@ -44,7 +44,7 @@ def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
     so = quiet(ort.SessionOptions())
     so.intra_op_num_threads = threads
     sqllm_onnx.register(so)
-    if provider == "cuda":
+    if provider == "cuda" and uses_squeeze_matmul(model_dir):
         check_cuda_library()
         # On Hopper, ORT prefers cuDNN SDPA for GroupQueryAttention, which builds a new cuDNN plan
         # for every new KV length: with a KV cache that grows each step that cost ~60 ms per token
@@ -70,6 +70,30 @@ def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
     if provider == "cuda":
         check_placement(before, sqllm_onnx.kernel_counts())
     return session
+
+
+def uses_squeeze_matmul(model_dir: str | Path) -> bool:
+    """Whether DIR's graph holds SqueezeMatMul nodes: from the export manifest, else from the graph
+    (without its external data)."""
+    import json
+
+    from sqllm_onnx.export.configs import MANIFEST
+
+    try:
+        graph = json.loads((Path(model_dir) / MANIFEST).read_text()).get("graph") or {}
+        if "squeeze_matmul_nodes" in graph:
+            return graph["squeeze_matmul_nodes"] > 0
+    except (OSError, ValueError, AttributeError):
+        pass
+    import onnx
+
+    from sqllm_onnx.op import OP_TYPE
+
+    try:
+        proto = onnx.load(str(model_file(model_dir)), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a damaged file: the session's own load reports it
+        return True
+    return any(n.op_type == OP_TYPE for n in proto.graph.node)
 
 
 def check_cuda_library(info: dict | None = None, probe: dict | None = None) -> None:
