@@ -19,9 +19,9 @@ def add_quant_arguments(p: argparse.ArgumentParser) -> None:
                    "--method finequant: 4 or 8")
     p.add_argument("--sparsity", type=float, default=0.05, help="percent of weights kept sparse: 0.05 = 0.05%%, "
                    "0.45 = 0.45%% (paper naming)")
-    p.add_argument("--method", default="lnq", choices=("squeezellm", "lnq", "kmeans", "rtn", "finequant", "none"),
-                   help="lnq = SqueezeLLM's format with codes and tables chosen by error feedback on the calibration "
-                   "activations (default; sqllm_onnx/quantize/lnq.py); squeezellm = Fisher-weighted k-means (the paper); "
+    p.add_argument("--method", default="squeezellm", choices=("squeezellm", "lnq", "kmeans", "rtn", "finequant", "none"),
+                   help="squeezellm = Fisher-weighted k-means (default, the paper); lnq = the same format with codes "
+                   "and tables chosen by error feedback on the calibration activations (sqllm_onnx/quantize/lnq.py); "
                    "kmeans and rtn for ablations; none = the "
                    "unquantized model (the baseline of every comparison); finequant = "
                    "calibration-free block-wise int4/int8 as ORT MatMulNBits nodes, block size chosen per matrix "

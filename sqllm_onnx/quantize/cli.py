@@ -46,10 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sensitive", type=_percent, default=None,
                    help="part of --sparsity (percent) taken by top-Fisher values; default 0.05 when "
                    "sparsity >= 0.05, else all of it")
-    p.add_argument("--method", choices=METHODS, default="lnq",
-                   help="lnq (default): SqueezeLLM's format with codes and tables chosen by error feedback on the "
-                   "calibration activations, block by block (slower, better layer outputs); squeezellm: "
-                   "Fisher-weighted k-means (the paper); kmeans: unweighted; rtn: per-channel round-to-nearest")
+    p.add_argument("--method", choices=METHODS, default="squeezellm",
+                   help="squeezellm: Fisher-weighted k-means (the paper); lnq: the same format with codes and tables "
+                   "chosen by error feedback on the calibration activations, block by block (slower, better "
+                   "layer outputs); kmeans: unweighted; rtn: per-channel round-to-nearest")
     p.add_argument("--lnq-iters", type=_positive, default=2, help="--method lnq: rounds of code assignment with "
                    "error feedback + table re-fit")
     p.add_argument("--calib-data", default=None, help="'stdlib' (default: calibration part of pydoc_data.topics), "
