@@ -111,3 +111,27 @@ def test_graphs_without_the_op_skip_the_cuda_library_check(tmp_path):
     assert session_mod.uses_squeeze_matmul(ours)
     (ours / "sqllm_manifest.json").write_text(json.dumps({"graph": {"squeeze_matmul_nodes": 0}}))
     assert not session_mod.uses_squeeze_matmul(ours)  # the manifest's count wins
+
+
+def test_cuda_session_of_a_plain_graph_still_asks_for_the_cuda_provider(tmp_path, monkeypatch):
+    """A baseline folder skips the library check, not the CUDA provider (faked: no GPU here)."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    (tmp_path / "model.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    monkeypatch.setattr(session_mod.ort, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(sqllm_onnx, "library_info", lambda path=None: {"cuda_archs": []})  # would refuse ours
+    if hasattr(session_mod.ort, "preload_dlls"):
+        monkeypatch.setattr(session_mod.ort, "preload_dlls", lambda *a, **k: None)
+    seen = {}
+
+    def fake_session(path, so, providers):
+        seen["providers"] = providers
+        return object()
+
+    monkeypatch.setattr(session_mod.ort, "InferenceSession", fake_session)
+    session_mod.open_session(tmp_path, provider="cuda")
+    assert seen["providers"][0][0] == "CUDAExecutionProvider"

@@ -121,4 +121,3 @@ SQLLM_EXPORT const char* SqllmCudaProbe() {
   cudaGetLastError();  // leave no sticky error behind for the next CUDA call
   return out.c_str();
 }
-

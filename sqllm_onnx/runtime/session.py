@@ -44,8 +44,9 @@ def open_session(model_dir: str | Path, provider: str = "cpu", threads: int = 0,
     so = quiet(ort.SessionOptions())
     so.intra_op_num_threads = threads
     sqllm_onnx.register(so)
-    if provider == "cuda" and uses_squeeze_matmul(model_dir):
-        check_cuda_library()
+    if provider == "cuda":
+        if uses_squeeze_matmul(model_dir):
+            check_cuda_library()
         # On Hopper, ORT prefers cuDNN SDPA for GroupQueryAttention, which builds a new cuDNN plan
         # for every new KV length: with a KV cache that grows each step that cost ~60 ms per token
         # on an H100 (measured). The flash kernel needs no plan. An explicit setting wins.

@@ -48,14 +48,14 @@ class KernelBase {
   std::string ValidateConstantCsr(const OrtKernelInfo* info);
 };
 
-// The OrtCustomOp that creates Kernel for element type T (ONNX enum) on the given provider.
-// A is typed T so that ORT picks the fp16 or fp32 kernel; the other inputs are declared with an
-// undefined type so that a wrong dtype reaches our own check, whose message names the input.
 // Counts the kernels created per execution provider (SqllmKernelCounts): the Python session code
 // compares the counts before and after a session is created to see where ORT placed our nodes.
 void CountKernel(const char* provider);
 int64_t KernelCount(bool cuda);
 
+// The OrtCustomOp that creates Kernel for element type T (ONNX enum) on the given provider.
+// A is typed T so that ORT picks the fp16 or fp32 kernel; the other inputs are declared with an
+// undefined type so that a wrong dtype reaches our own check, whose message names the input.
 template <typename Kernel, int T>
 struct SqueezeMatMulOp : Ort::CustomOpBase<SqueezeMatMulOp<Kernel, T>, Kernel, true> {
   explicit SqueezeMatMulOp(const char* provider) : provider_(provider) {
