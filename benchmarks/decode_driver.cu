@@ -53,11 +53,11 @@ static void Pack(Host& h) {
   h.q.assign(layout::Tiles(h.N) * tw, 0u);
   for (int n = 0; n < h.N; ++n)
     for (int k = 0; k < h.K; ++k) {
-      const auto c = layout::Locate(n & 15, k, h.K, h.bits);
+      const auto c = layout::Locate(n & 15, k, h.K);
       uint32_t* tile = h.q.data() + (n >> 4) * tw;
       const uint32_t code = h.codes[static_cast<size_t>(n) * h.K + k];
       for (int b = 0; b < h.bits; ++b) {
-        const int sb = c.stream_bit + b;
+        const int sb = layout::StreamBit(c.h, c.i, c.s, c.j, b, c.ng, h.bits);
         if ((code >> b) & 1) tile[layout::UnitWord(c.unit, sb >> 5, c.lane, fu, h.bits)] |= 1u << (sb & 31);
       }
     }
@@ -99,23 +99,45 @@ static Host Make(int M, int K, int N, int bits, double density, bool bias, uint6
   return h;
 }
 
-static std::vector<double> Reference(const Host& h) {
+// The float64 product, and in `bound` the int8 path's error bound (docs/op-spec.md: per row n the
+// LUT step sw = (max - min) / 255, per row m and unit u of A the step sa = max_u |A| / 127;
+// sum_k sw / 2 |a_k| + sa_u / 254 (|w_k| + sw / 2)).
+static std::vector<double> Reference(const Host& h, std::vector<double>* bound) {
   std::vector<double> y(static_cast<size_t>(h.M) * h.N);
+  bound->assign(y.size(), 0.0);
+  const int units = (h.K + 255) / 256;
+  std::vector<double> sa(static_cast<size_t>(h.M) * units, 0.0);
+  for (int m = 0; m < h.M; ++m)
+    for (int k = 0; k < h.K; ++k) {
+      double& s = sa[static_cast<size_t>(m) * units + k / 256];
+      s = std::max(s, std::fabs(static_cast<double>(__half2float(h.a[static_cast<size_t>(m) * h.K + k]))) / 127);
+    }
   const int threads = std::max(1u, std::thread::hardware_concurrency());
   std::vector<std::thread> pool;
   for (int w = 0; w < threads; ++w)
     pool.emplace_back([&, w] {
-      std::vector<double> row(h.K);
+      std::vector<double> row(h.K), dense(h.K);
       for (int n = w; n < h.N; n += threads) {
+        double lo = 1e300, hi = -1e300;
+        for (int e = 0; e < (1 << h.bits); ++e) {
+          const double v = __half2float(h.lut[(static_cast<size_t>(n) << h.bits) + e]);
+          lo = std::min(lo, v), hi = std::max(hi, v);
+        }
+        const double sw = (hi - lo) / 255;
         for (int k = 0; k < h.K; ++k)
-          row[k] = __half2float(h.lut[(static_cast<size_t>(n) << h.bits) + h.codes[static_cast<size_t>(n) * h.K + k]]);
+          dense[k] = row[k] = __half2float(h.lut[(static_cast<size_t>(n) << h.bits) + h.codes[static_cast<size_t>(n) * h.K + k]]);
         if (!h.indptr.empty())
           for (int e = h.indptr[n]; e < h.indptr[n + 1]; ++e) row[h.indices[e]] += __half2float(h.values[e]);
         for (int m = 0; m < h.M; ++m) {
-          double s = h.bias.empty() ? 0.0 : __half2float(h.bias[n]);
+          double s = h.bias.empty() ? 0.0 : __half2float(h.bias[n]), b = 0;
           const __half* a = h.a.data() + static_cast<size_t>(m) * h.K;
-          for (int k = 0; k < h.K; ++k) s += row[k] * __half2float(a[k]);
+          for (int k = 0; k < h.K; ++k) {
+            const double x = __half2float(a[k]);
+            s += row[k] * x;
+            b += sw / 2 * std::fabs(x) + sa[static_cast<size_t>(m) * units + k / 256] / 254 * (std::fabs(dense[k]) + sw / 2);
+          }
           y[static_cast<size_t>(m) * h.N + n] = s;
+          (*bound)[static_cast<size_t>(m) * h.N + n] = b;
         }
       }
     });
@@ -200,7 +222,8 @@ static bool Check(int M, int K, int N, int bits, double density, bool bias, uint
   CK(cudaDeviceSynchronize());
   std::vector<__half> y(static_cast<size_t>(M) * N);
   CK(cudaMemcpy(y.data(), d.y, y.size() * sizeof(__half), cudaMemcpyDeviceToHost));
-  const std::vector<double> ref = Reference(h);
+  std::vector<double> bound;
+  const std::vector<double> ref = Reference(h, &bound);
   double num = 0, den = 0, worst = 0;
   size_t worst_i = 0;
   bool finite = true;
@@ -210,14 +233,15 @@ static bool Check(int M, int K, int N, int bits, double density, bool bias, uint
     const double e = std::fabs(v - ref[i]);
     num += e * e;
     den += ref[i] * ref[i];
-    const double tol = 2e-3 * std::fabs(ref[i]) + 2e-3;  // fp16 output rounding + fp32 accumulation order
+    // the int8 path's bound, plus fp16 output rounding and fp32 accumulation order
+    const double tol = 1.01 * bound[i] + 2e-3 * std::fabs(ref[i]) + 2e-3;
     if (!(e <= tol) && e - tol > worst) {
       worst = e - tol;
       worst_i = i;
     }
   }
   const double rel = std::sqrt(num / std::max(den, 1e-300));
-  const bool ok = finite && worst == 0 && rel < 1e-3;
+  const bool ok = finite && worst == 0 && rel < 1e-2;  // int8 LUT: ~3e-3 on random layers
   std::printf("%s M=%d K=%d N=%d bits=%d sparse=%.4f bias=%d: rel %.2e%s", ok ? "PASS" : "FAIL", M, K, N, bits, density,
               bias, rel, finite ? "" : " (non-finite)");
   if (worst > 0)

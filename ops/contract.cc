@@ -1,5 +1,6 @@
 // Checks of the SqueezeMatMul contract; messages name the offending input (docs/op-spec.md).
 #include "sqllm/contract.h"
+#include "sqllm/layout.h"
 
 #include <sstream>
 
@@ -51,6 +52,13 @@ std::string CheckAttributes(const Attributes& a) {
   if (a.N < 1 || a.N > kMaxDim) return Msg("attribute 'N' must be in [1, 2^31) (got ", a.N, ")");
   if (a.bits != 2 && a.bits != 3 && a.bits != 4 && a.bits != 8)
     return Msg("attribute 'bits' must be one of 2, 3, 4, 8 (got ", a.bits, ")");
+  if (a.layout != 1 && a.layout != layout::kCodeLayout)
+    return Msg("attribute 'layout' must be 1 or ", layout::kCodeLayout, " (got ", a.layout, ")");
+  // 3-bit codes moved into nibble planes in code layout 2; the other widths are the same in both.
+  if (a.bits == 3 && a.layout != layout::kCodeLayout)
+    return Msg("attribute 'layout' is ", a.layout, a.layout == 1 ? " (absent)" : "",
+               ": this 3-bit model packs its codes in code layout 1 of earlier sqllm-onnx exports; this library reads "
+               "3-bit codes in layout ", layout::kCodeLayout, ": re-export the model with this version (docs/op-spec.md)");
   return "";
 }
 

@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from sqllm_onnx.reference import CODE_LAYOUT
+
 DOMAIN = "sqllm"
 OPSET_VERSION = 1
 OP_TYPE = "SqueezeMatMul"
@@ -65,7 +67,7 @@ def make_node(a_name: str, y_name: str, layer: PackedLinear, prefix: str, node_n
     while inputs[-1] == "":
         inputs.pop()
     node = helper.make_node(OP_TYPE, inputs, [y_name], name=node_name or prefix, domain=DOMAIN,
-                            K=layer.K, N=layer.N, bits=layer.bits)
+                            K=layer.K, N=layer.N, bits=layer.bits, layout=CODE_LAYOUT)
     return node, inits
 
 

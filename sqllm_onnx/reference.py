@@ -31,10 +31,14 @@ def legacy_row_shape(N: int, K: int, bits: int) -> tuple[int, int]:
     return N, (K * bits + 31) // 32
 
 
+CODE_LAYOUT = 2  # the op's `layout` attribute: 3-bit codes in nibble planes (ops/include/sqllm/layout.h)
+
+
 @functools.lru_cache(maxsize=64)
-def _tile_bit_positions(K: int, bits: int) -> np.ndarray:
+def _tile_bit_positions(K: int, bits: int, code_layout: int = CODE_LAYOUT) -> np.ndarray:
     """For a tile, the physical bit (within the tile's words) of bit ``jb`` of code (r, k), flattened
-    in (r, k, jb) order over r < 16, k < 64 * ceil(K/64): the layout of ops/include/sqllm/layout.h."""
+    in (r, k, jb) order over r < 16, k < 64 * ceil(K/64): the layout of ops/include/sqllm/layout.h.
+    ``code_layout`` 1 is the LSB-first 3-bit stream of earlier exports (for repacking them)."""
     G = -(-K // GROUP_CODES)
     full_units, partial = divmod(G, UNIT_GROUPS)
     r = np.arange(TILE_ROWS)[:, None, None]
@@ -48,7 +52,15 @@ def _tile_bit_positions(K: int, bits: int) -> np.ndarray:
     full = unit < full_units
     ng = np.where(full, UNIT_GROUPS, partial)
     lane = 4 * g + t
-    sb = ((h * ng + i) * 16 + 4 * s + j) * bits + jb
+    if bits == 3 and code_layout >= 2:
+        # three planes of ng words: (h, p) = (0, 0), (1, 0), (0, 1) in the low 3 bits of nibble 4q + j;
+        # (h, p) = (1, 1): bit jb in the 4th bit of the nibble in plane jb
+        nibble = 4 * q + j
+        spread = (h == 1) & (p == 1)
+        plane = np.where(p == 1, 2, h)
+        sb = np.where(spread, 32 * (jb * ng + i) + 4 * nibble + 3, 32 * (plane * ng + i) + 4 * nibble + jb)
+    else:
+        sb = ((h * ng + i) * 16 + 4 * s + j) * bits + jb
     w, bit = sb >> 5, sb & 31
     word = unit * 128 * bits + np.where(full, (w >> 2) * 128 + 4 * lane + (w & 3), w * 32 + lane)
     positions = (word * 32 + bit).reshape(-1)
@@ -56,7 +68,7 @@ def _tile_bit_positions(K: int, bits: int) -> np.ndarray:
     return positions
 
 
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+def pack_codes(codes: np.ndarray, bits: int, code_layout: int = CODE_LAYOUT) -> np.ndarray:
     """Pack codes ``[N, K]`` (integers in [0, 2^bits)) into ``qweight``: int32 ``qweight_shape(N, K, bits)``.
 
     The tiled layout of docs/op-spec.md: 16-row tiles, K in groups of 64 codes, four groups to a unit,
@@ -72,7 +84,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     if N == 0 or K == 0:
         raise ValueError(f"codes must have N, K >= 1, got shape {codes.shape}")
     T, words = qweight_shape(N, K, bits)
-    positions = _tile_bit_positions(K, bits)
+    positions = _tile_bit_positions(K, bits, code_layout)
     Kp = words // (32 * bits) * GROUP_CODES
     out = np.empty((T, words), dtype=np.int32)
     shifts = np.arange(bits, dtype=np.uint8)
@@ -88,7 +100,7 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def unpack_codes(qweight: np.ndarray, K: int, bits: int, N: int) -> np.ndarray:
+def unpack_codes(qweight: np.ndarray, K: int, bits: int, N: int, code_layout: int = CODE_LAYOUT) -> np.ndarray:
     """Inverse of ``pack_codes``: ``qweight`` (tiled) -> codes uint8 ``[N, K]``."""
     _check_bits(bits)
     qweight = np.ascontiguousarray(qweight, dtype=np.int32)
@@ -96,7 +108,7 @@ def unpack_codes(qweight: np.ndarray, K: int, bits: int, N: int) -> np.ndarray:
     if qweight.shape != shape:
         raise ValueError(f"qweight has shape {list(qweight.shape)}, expected [ceil(N/16), 32*ceil(K/64)*bits] = {list(shape)}")
     T, words = shape
-    positions = _tile_bit_positions(K, bits)
+    positions = _tile_bit_positions(K, bits, code_layout)
     Kp = words // (32 * bits) * GROUP_CODES
     weights = (1 << np.arange(bits)).astype(np.uint8)
     out = np.empty((T * TILE_ROWS, Kp), dtype=np.uint8)
@@ -107,6 +119,14 @@ def unpack_codes(qweight: np.ndarray, K: int, bits: int, N: int) -> np.ndarray:
         stream = physical[:, positions].reshape(t1 - t0, TILE_ROWS, Kp, bits)
         out[t0 * TILE_ROWS:t1 * TILE_ROWS] = (stream @ weights).reshape(-1, Kp)
     return out[:N, :K]
+
+
+def repack_layout1(qweight: np.ndarray, K: int, bits: int, N: int) -> np.ndarray:
+    """``qweight`` of code layout 1 (3-bit codes as an LSB-first stream: checkpoints made before the
+    `layout` attribute) in the current layout; other widths are the same in both and come back as they are."""
+    if bits != 3:
+        return qweight
+    return pack_codes(unpack_codes(qweight, K, bits, N, code_layout=1), bits)
 
 
 def unpack_legacy_rows(qweight: np.ndarray, K: int, bits: int) -> np.ndarray:

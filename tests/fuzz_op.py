@@ -67,7 +67,7 @@ def make_case(rng: np.random.Generator) -> dict:
         feeds["sparse_values"] = rng.standard_normal(nnz).astype(dtype)
     if bias:
         feeds["bias"] = rng.standard_normal(N).astype(dtype)
-    attrs = {"K": K, "N": N, "bits": bits}
+    attrs = {"K": K, "N": N, "bits": bits, "layout": 2}
     nnz = len(feeds.get("sparse_indices", []))
 
     if kind == "bits":

@@ -61,7 +61,8 @@ def test_export_folder_contents(exported, arch):
     assert proto.ir_version <= 10
     assert ("sqllm", 1) in [(o.domain, o.version) for o in proto.opset_import]
     squeeze = [n for n in proto.graph.node if n.op_type == "SqueezeMatMul"]
-    assert len(squeeze) == len(load_checkpoint(ckpt).layers)
+    fused = json.loads((export_dir / configs.MANIFEST).read_text())["graph"].get("fused_projections", {})
+    assert len(squeeze) == len(load_checkpoint(ckpt).layers) - sum(len(parts) - 1 for parts in fused.values())
     inits = {t.name for t in proto.graph.initializer}
     for node in squeeze:  # packed tensors (and the CSR) are plain initializers
         assert all(name in inits for name in node.input[1:] if name)

@@ -64,7 +64,9 @@ def export_cli(model_dir, out, bits, capsys, *extra):
 
 
 def graph_weights(export_dir) -> dict:
-    """layer name -> W [N, K] float64 that its SqueezeMatMul node computes with (from the initializers)."""
+    """layer name -> W [N, K] float64 that its SqueezeMatMul node computes with (from the initializers;
+    a node of fused q/k/v projections, per the manifest's fused_projections, gives the three's rows)."""
+    fused = json.loads((export_dir / configs.MANIFEST).read_text())["graph"].get("fused_projections", {})
     proto = onnx.load(str(export_dir / "model.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     weights = {}
@@ -75,7 +77,12 @@ def graph_weights(export_dir) -> dict:
         inputs = [inits.get(name) if name else None for name in node.input] + [None] * 7
         qweight, lut, indptr, indices, values = inputs[1:6]
         name = node.input[1][: -len(".qweight")]
-        weights[name] = reference.dequantize(qweight, lut, attrs["K"], attrs["bits"], indptr, indices, values)
+        W = reference.dequantize(qweight, lut, attrs["K"], attrs["bits"], indptr, indices, values)
+        if name in fused:
+            starts = np.cumsum([0] + [n for _, n in fused[name]])
+            weights.update({part: W[a:b] for (part, _), a, b in zip(fused[name], starts[:-1], starts[1:])})
+        else:
+            weights[name] = W
     return weights
 
 
@@ -115,7 +122,9 @@ def test_family_exports_3bit_and_matches_torch(family, model_dirs, tmp_path, cap
     got = ort_logits(out)
     assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
     manifest = json.loads((out / configs.MANIFEST).read_text())
-    assert manifest["quantization"]["bits"] == 3 and manifest["graph"]["squeeze_matmul_nodes"] == len(discovered)
+    fused = manifest["graph"].get("fused_projections", {})
+    assert manifest["quantization"]["bits"] == 3
+    assert manifest["graph"]["squeeze_matmul_nodes"] == len(discovered) - 2 * len(fused)
     lean = family in lean_graph.ARCHITECTURES
     assert manifest["graph_style"] == ("lean" if lean else "plain")
     if lean:  # one fused attention per layer
@@ -273,7 +282,7 @@ def test_gguf_file_exports(model_dirs, tmp_path, capsys):
     write_tiny_llama_gguf(gguf_file)
     out = export_cli(gguf_file, tmp_path / "o", 3, capsys, "--tokenizer", str(model_dirs("llama")))
     assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
-    assert json.loads((out / configs.MANIFEST).read_text())["graph"]["squeeze_matmul_nodes"] == 2 * 7
+    assert json.loads((out / configs.MANIFEST).read_text())["graph"]["squeeze_matmul_nodes"] == 2 * 5  # q/k/v fused
     rc, text = run_cli(["export", "--model", str(gguf_file), "--out", str(tmp_path / "o2")], capsys)
     assert rc not in (0, None) and "--tokenizer" in text  # no tokenizer inside: one line, not a traceback
     bad = tmp_path / "bad.gguf"

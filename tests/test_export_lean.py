@@ -232,12 +232,44 @@ def test_lean_quantized_export_matches_dequantized_torch(exported, tmp_path):
     export_dir = export(tmp_path / "llama-q-lean", config, str(model_dir), dtype="fp32", from_checkpoint=ckpt,
                         graph="lean", **quiet)
     ops = op_counts(export_dir)
-    assert ops["SqueezeMatMul"] == len(load_checkpoint(ckpt).layers) and ops["GroupQueryAttention"] == 2
+    # q/k/v of each of the 2 layers are one fused SqueezeMatMul (and a Split)
+    assert ops["SqueezeMatMul"] == len(load_checkpoint(ckpt).layers) - 2 * 2 and ops["GroupQueryAttention"] == 2
+    manifest = json.loads((export_dir / configs.MANIFEST).read_text())
+    assert len(manifest["graph"]["fused_projections"]) == 2
     reference, _ = models.load_model(str(model_dir))
     apply_to_model(reference, load_checkpoint(ckpt))
     expected = torch_logits(reference, TEST_IDS)
     got = incremental_logits(export_dir, TEST_IDS)
     assert np.abs(got - expected).max() <= 1e-3 * np.abs(expected).max()
+    # the fused export computes what three separate nodes do: against the plain graph's logits
+    plain = export(tmp_path / "llama-q-plain", config, str(model_dir), dtype="fp32", from_checkpoint=ckpt,
+                   graph="plain", **quiet)
+    assert op_counts(plain)["SqueezeMatMul"] == len(load_checkpoint(ckpt).layers)
+    unfused = incremental_logits(plain, TEST_IDS)
+    assert np.abs(got - unfused).max() <= 1e-4 * np.abs(unfused).max()
+
+
+def test_concat_rows_is_the_layers_side_by_side():
+    """concat_rows stacks layers along N (tiles as they are, or repacked when an N is not a multiple of
+    16), with CSR offsets and bias: the stacked op computes the separate ones' outputs."""
+    from sqllm_onnx import reference as ref
+    from sqllm_onnx.export.squeeze_linear import concat_rows
+
+    from conftest import random_layer
+
+    rng = np.random.default_rng(3)
+    A = rng.standard_normal((3, 100)).astype(np.float32)
+    for Ns in ((32, 16, 16), (40, 8, 24), (16, 20, 16)):
+        parts = [random_layer(rng, 100, n, 3, sparse=i != 1, bias=i == 2) for i, n in enumerate(Ns)]
+        fused = concat_rows(parts)
+        assert fused.N == sum(Ns) and fused.qweight.shape == ref.qweight_shape(sum(Ns), 100, 3)
+        got = ref.squeeze_matmul(A, fused.qweight, fused.lut, fused.sparse_indptr, fused.sparse_indices,
+                                 fused.sparse_values, fused.bias, K=100, N=fused.N, bits=3)
+        want = np.concatenate([ref.squeeze_matmul(A, p.qweight, p.lut, p.sparse_indptr, p.sparse_indices,
+                                                  p.sparse_values, p.bias, K=100, N=p.N, bits=3) for p in parts], axis=1)
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="differ"):
+        concat_rows([random_layer(rng, 100, 16, 3), random_layer(rng, 100, 16, 4)])
 
 
 @pytest.mark.parametrize("arch", ARCHS)

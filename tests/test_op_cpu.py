@@ -126,7 +126,11 @@ def test_model_built_by_hand_from_the_spec():
             ng = 4 if unit < full_units else G % 4
             for b in range(bits):
                 if (codes[n, k] >> b) & 1:
-                    bit = ((h * ng + i) * 16 + 4 * s + j) * bits + b
+                    nibble = 4 * q + j  # 3 bits: planes (h, p) = (0, 0), (1, 0), (0, 1); (1, 1) in the top bits
+                    if (h, p) == (1, 1):
+                        bit = 32 * (b * ng + i) + 4 * nibble + 3
+                    else:
+                        bit = 32 * ((2 if p else h) * ng + i) + 4 * nibble + b
                     w = bit // 32
                     word = unit * 128 * bits + ((w // 4) * 128 + 4 * lane + w % 4 if unit < full_units else w * 32 + lane)
                     qweight[tile, word] |= np.uint32(1) << np.uint32(bit % 32)
@@ -139,7 +143,7 @@ def test_model_built_by_hand_from_the_spec():
         (qweight.view(np.int32), "qweight"), (lut, "lut"), (indptr, "indptr"), (indices, "indices"),
         (values, "values"), (bias, "bias")]]
     node = helper.make_node("SqueezeMatMul", ["A", "qweight", "lut", "indptr", "indices", "values", "bias"], ["Y"],
-                            domain="sqllm", K=K, N=N, bits=bits)
+                            domain="sqllm", K=K, N=N, bits=bits, layout=2)
     graph = helper.make_graph([node], "by_hand", [helper.make_tensor_value_info("A", TensorProto.FLOAT, ["M", K])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], initializer=inits)
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),

@@ -24,7 +24,7 @@ def valid_feeds(dtype=np.float32):
 
 def model_with(feeds, attrs=None, as_initializers=(), omit=()):
     """A one-node model whose op inputs are graph inputs, except those turned into initializers."""
-    attrs = {"K": K, "N": N, "bits": BITS} if attrs is None else attrs
+    attrs = {"K": K, "N": N, "bits": BITS, "layout": 2} if attrs is None else attrs
     inputs, graph_inputs, inits = [], [], []
     for name in INPUT_NAMES:
         if name in omit or name not in feeds:
@@ -65,6 +65,10 @@ def test_valid_feeds_run():
     ({"K": K, "N": N}, r"attribute 'bits' \(int\) is required"),
     ({"K": 0, "N": N, "bits": BITS}, r"attribute 'K' must be in \[1, 2\^31\)"),
     ({"K": K, "N": 2**40, "bits": BITS}, r"attribute 'N' must be in \[1, 2\^31\)"),
+    ({"K": K, "N": N, "bits": BITS, "layout": 7}, r"attribute 'layout' must be 1 or 2 \(got 7\)"),
+    # a 3-bit node of an export made before code layout 2 (no `layout` attribute) is refused, not misread
+    ({"K": K, "N": N, "bits": 3}, r"attribute 'layout' is 1 \(absent\): this 3-bit model packs its codes in code "
+                                  r"layout 1 of earlier sqllm-onnx exports; .* re-export the model"),
 ])
 def test_bad_attributes(attrs, pattern):
     expect_error(pattern, valid_feeds(), attrs=attrs)

@@ -277,3 +277,29 @@ def test_fisher_is_a_sum_of_squared_per_sample_gradients():
     torch.testing.assert_close(F, expected, rtol=1e-5, atol=1e-12)
     assert not any(p.requires_grad is False for p in model.parameters())  # flags restored
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_format_version_1_checkpoint_is_repacked(llama, tmp_path):
+    """Checkpoints of format version 1 hold 3-bit qweight in code layout 1 (an LSB-first stream):
+    they load into the current layout, so exports from them compute the same layer."""
+    from sqllm_onnx.quantize.checkpoint import save_arrays_atomic, sha256_file
+
+    model, tok = llama
+    q = quantize_model(model, tok, QuantConfig(bits=3, sparsity=0.45, **FAST), progress=False)
+    save_checkpoint(q, tmp_path / "ck")
+    folder = tmp_path / "ck"
+    man = json.loads((folder / "manifest.json").read_text())
+    arrays = {}
+    for name, layer in q.layers.items():
+        codes = reference.unpack_codes(layer.qweight, layer.K, 3, layer.N)
+        for key, value in {"qweight": reference.pack_codes(codes, 3, code_layout=1), "lut": layer.lut,
+                           "sparse_indptr": layer.sparse_indptr, "sparse_indices": layer.sparse_indices,
+                           "sparse_values": layer.sparse_values, "bias": layer.bias}.items():
+            if value is not None:
+                arrays[f"{name}.{key}"] = value
+    save_arrays_atomic(folder / "model.safetensors", arrays, {"format": man["format"]})
+    man["format_version"] = 1
+    man["files"]["model.safetensors"] = {"sha256": sha256_file(folder / "model.safetensors"),
+                                         "bytes": (folder / "model.safetensors").stat().st_size}
+    (folder / "manifest.json").write_text(json.dumps(man))
+    _same(q, load_checkpoint(folder))

@@ -32,20 +32,35 @@ def test_pack_layout_spot_checks():
     stream_bit = ((4 * 1 + 2) * 16 + 4 * 2 + 1) * 4  # 412: word 12, bit 28
     assert _word(q, 0, 0, stream_bit // 32, 4 * 1 + 3, 4) == 0xA << (stream_bit % 32)
     assert np.count_nonzero(q) == 1
-    # 3 bits: a code may straddle two lane-local words (stream bits 30..32), which a full unit
-    # stores 16 bytes apart (quads): w 0 (bits 30, 31) and w 1 (bit 32 = bit 0).
-    codes = np.zeros((1, 256), np.int64)
-    codes[0, 64 * 0 + 32 * 1 + 8 * 0 + 4 * 0 + 2] = 0b111  # r 0 (lane 0), i 0, s 2, j 2: stream code 10
+    # 3 bits (code layout 2): planes of words; (h, p) = (0, 0) -> plane 0, (1, 0) -> 1, (0, 1) -> 2,
+    # the code in the low 3 bits of nibble 4q + j of word plane * ng + i; (h, p) = (1, 1) -> bit b
+    # in the top bit of that nibble of plane b.
+    codes = np.zeros((16, 256), np.int64)
+    codes[0, 64 * 3 + 32 * 1 + 8 * 0 + 4 * 1 + 2] = 0b101  # r 0 (h 0, lane 0), i 3, p 1, q 1, j 2
     q = ref.pack_codes(codes, 3)
-    assert _word(q, 0, 0, 0, 0, 3) == 0b11 << 30 and _word(q, 0, 0, 1, 0, 3) == 0b1
-    # A partial unit (K = 300: unit 1 has ng = 1 group) is stored word-interleaved (w * 32 + lane),
-    # and its row-g+8 codes start at stream bit ng * 16 * bits.
-    codes = np.zeros((16, 300), np.int64)
-    codes[8, 256 + 8 * 2] = 5  # r 8: h 1, g 0; k - 256 = 16: i 0, p 0, t 2, q 0, j 0 -> lane 2, stream code 16
-    q = ref.pack_codes(codes, 3)
-    stream_bit = (1 * 1 * 16 + 0) * 3  # 48: word 1, bit 16
-    assert _word(q, 0, 1, 1, 2, 3, full_unit=False) == 5 << 16
+    assert _word(q, 0, 0, 2 * 4 + 3, 0, 3) == 0b101 << (4 * 6)  # plane 2, word 11, nibble 6
     assert np.count_nonzero(q) == 1
+    codes = np.zeros((16, 256), np.int64)
+    codes[8 + 2, 64 * 1 + 32 * 1 + 8 * 1 + 4 * 0 + 3] = 0b110  # r 10 (h 1, g 2), i 1, p 1, t 1, q 0, j 3
+    q = ref.pack_codes(codes, 3)
+    lane = 4 * 2 + 1
+    assert _word(q, 0, 0, 0 * 4 + 1, lane, 3) == 0  # bit 0 of the code is 0
+    assert _word(q, 0, 0, 1 * 4 + 1, lane, 3) == 1 << (4 * 3 + 3)  # bit 1: plane 1, nibble 3, top bit
+    assert _word(q, 0, 0, 2 * 4 + 1, lane, 3) == 1 << (4 * 3 + 3)  # bit 2: plane 2
+    assert np.count_nonzero(q) == 2
+    # A partial unit (K = 300: unit 1 has ng = 1 group) is stored word-interleaved (w * 32 + lane);
+    # 3 bits: plane v is word v * ng + i.
+    codes = np.zeros((16, 300), np.int64)
+    codes[8, 256 + 8 * 2] = 5  # r 8: h 1, g 0; k - 256 = 16: i 0, p 0, t 2, q 0, j 0 -> lane 2, plane 1
+    q = ref.pack_codes(codes, 3)
+    assert _word(q, 0, 1, 1, 2, 3, full_unit=False) == 5
+    assert np.count_nonzero(q) == 1
+    # code layout 1 (earlier 3-bit exports: an LSB-first stream) is repacked to the current one
+    rng = np.random.default_rng(3)
+    c = rng.integers(0, 8, (40, 300))
+    old = ref.pack_codes(c, 3, code_layout=1)
+    assert not np.array_equal(old, ref.pack_codes(c, 3))
+    np.testing.assert_array_equal(ref.repack_layout1(old, 300, 3, 40), ref.pack_codes(c, 3))
 
 
 def test_legacy_rows_convert_to_tiles():

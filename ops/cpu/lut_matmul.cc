@@ -153,19 +153,16 @@ void DecodeUnit(const uint32_t* tile, int64_t unit, int64_t K, int bits, uint8_t
   const int64_t full_units = layout::FullUnits(K);
   const int ng = layout::UnitGroups(unit, K);
   const int words = ng * bits;
-  const uint32_t mask = (1u << bits) - 1u;
-  uint32_t w[4 * 8 + 1];
+  uint32_t w[4 * 8];
   for (int lane = 0; lane < layout::kLanes; ++lane) {
     for (int u = 0; u < words; ++u) w[u] = tile[layout::UnitWord(unit, u, lane, full_units, bits)];
-    w[words] = 0;
     const int g = lane >> 2, t = lane & 3;
     for (int h = 0; h < 2; ++h)
-      for (int c = 0; c < 16 * ng; ++c) {  // the lane's codes of row 8h + g, in stream order (i, s, j)
-        const int sb = (h * ng * 16 + c) * bits;
-        const uint64_t v = ((static_cast<uint64_t>(w[(sb >> 5) + 1]) << 32) | w[sb >> 5]) >> (sb & 31);
-        const int i = c >> 4, s = (c >> 2) & 3, j = c & 3;
-        codes[8 * h + g][64 * i + 32 * (s >> 1) + 8 * t + 4 * (s & 1) + j] = static_cast<uint8_t>(v & mask);
-      }
+      for (int i = 0; i < ng; ++i)
+        for (int s = 0; s < 4; ++s)
+          for (int j = 0; j < 4; ++j)
+            codes[8 * h + g][64 * i + 32 * (s >> 1) + 8 * t + 4 * (s & 1) + j] =
+                static_cast<uint8_t>(layout::LaneCode(w, h, i, s, j, ng, bits));
   }
 }
 

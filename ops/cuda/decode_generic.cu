@@ -4,8 +4,8 @@
 //
 // Layout and launch: 256 threads = 8 warps; one warp per output row n (rows by grid stride, so any
 // N works with a grid of a few CTAs per SM). Lanes stride over k: lane l handles k = l, l+32, ...,
-// extracts code k from the tiled layout (sqllm/layout.h: one word, or two when the code straddles
-// two), looks the value up in the row's LUT (global memory, L1-resident), and accumulates in fp32 for every row of
+// extracts code k from the tiled layout (sqllm/layout.h: one word, or three for the 3-bit codes
+// spread over the planes), looks the value up in the row's LUT (global memory, L1-resident), and accumulates in fp32 for every row of
 // A. A is staged once per CTA in shared memory (as T) when M * K * sizeof(T) <= 48 KiB, else read
 // from global memory (L1/L2). The sparse part is fused: the same warp strides over the row's CSR
 // entries and gathers A; no atomics, balanced per row. Warp-shuffle reduction, bias, one rounding.

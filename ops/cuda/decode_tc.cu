@@ -1,52 +1,60 @@
 // The decode kernel of SqueezeMatMul on tensor cores: Y[M, N] = A[M, K] W^T (+ bias) for fp16,
-// bits 3 and 4, 1 <= M <= 8, sm_90 (the bulk copy engine). docs/cuda-kernels.md has the numbers.
+// bits 3 and 4, 1 <= M <= 8 per launch, sm_90 (the bulk copy engine). docs/cuda-kernels.md has
+// the numbers and the log of what was tried.
 //
-// Why it looks like this. At batch 1 the op is a GEMV bound by the bytes of W, and on an H200 the
-// codes arrive at ~30 per SM clock: too fast for a lookup plus an FMA per code on CUDA cores. So
-// each code is only looked up (a shared-memory table per row of W), and mma.m16n8k16 does the
-// multiply-adds: W is its 16-row A operand, A^T its B operand (M <= 8 of its 8 columns). What
-// limits such a kernel is keeping enough bytes in flight from the first cycle to the last, so:
-//
-//   * Persistent CTAs, one per SM, each owning a contiguous run of 16-row tiles of W (balanced to
-//     within one tile). In the tiled qweight layout (sqllm/layout.h) that run is one contiguous
-//     block of memory.
+// Why it looks like this. At batch 1 the op is a GEMV bound by the bytes of W: on an H200 the codes
+// arrive at ~30 per SM clock at 70% of the copy bandwidth. A code must therefore cost a fraction of
+// one instruction. Per row of W the LUT is quantized to unsigned 8 bits over its range and per row
+// of A and unit of 256 k, A to int8 plus an int8 residual (the CPU int8 path's contract,
+// docs/op-spec.md), so that
+//   * four codes of one row become four u8 table values with ONE byte permute (PRMT), whose
+//     selector is the half word of codes itself (code layout 2, sqllm/layout.h: 4 codes = the low
+//     3 bits of 4 nibbles; 4 bits: two permutes and a select), the row's table in 2 (3 bits) or
+//     4 (4 bits) registers;
+//   * mma.m16n8k32 (u8 x s8 -> s32, exact) does the multiply-adds: W is its 16-row A operand, the
+//     quantized A^T its B operand (M <= 8 of its 8 columns), once for the int8 part of A and once
+//     for the residual; per unit the two int32 sums are scaled into fp32.
+//   sum_k lut[c_k] a_k ~= step * sum_units sa * (sum q[c_k] qa_k + sum q[c_k] qr_k / 127)
+//                         + lo * sum_k (qa_k + qr_k / 127) sa
+// No shared-memory lookups and no per-lane tables: the decode of a 4096-code unit is ~100
+// instructions per warp. Around it:
+//   * Persistent CTAs (2 per SM), each owning a contiguous run of 16-row tiles of W (balanced to
+//     within one tile). In the tiled qweight layout that run is one contiguous block of memory.
 //   * A producer warp streams the block through a ring of kStages shared-memory stages with the
 //     bulk copy engine (cp.async.bulk, completion counted in bytes on an mbarrier per stage); it
 //     needs no registers for data in flight and never waits for the math. A stage is up to 8
-//     units (256 codes x 16 rows each) of one tile, plus the tile's 16 LUT rows with its first
-//     stage. qweight and the LUT are constants, so with programmatic dependent launch (PDL) the
-//     first stages are requested before griddepcontrol.wait, under the previous kernel's tail.
-//   * 8 consumer warps: warp w decodes unit w of each stage. Lane (g, t) reads its 16-byte vectors
-//     of the unit (the layout puts them side by side: conflict free), and for every mma step looks
-//     up its 8 A-operand halves (rows g and g + 8, 4 codes each) in tables with a private copy per
-//     lane (word e * 32 + lane: one wavefront per lookup, whatever the codes):
-//       3 bits: 64-entry pair tables half2(lut[c0], lut[c1]): one lookup per A register;
-//       4 bits: 16-entry tables with the value in the low half (lo) or the high half (hi):
-//               two lookups and one HADD2 (FMA pipe) per A register.
-//     A lookup address is one shift and one LOP3 of the code word. B (A^T) comes from A staged in
-//     shared memory (row stride = 64 mod 128 bytes: the 16-byte B loads of two steps are conflict
-//     free). fp32 accumulation, two accumulator sets to halve the mma dependency chain.
-//   * Per tile: each warp's 16 x 8 partial sum goes to shared memory, one named barrier among the
-//     consumers, then 16 M threads add the 8 partials, the sparse part and the bias and store Y
-//     (one rounding). The tables of the next tile are built (double buffered) before that barrier,
-//     so it is the only one per tile; the ring keeps streaming through it.
-//   * The sparse part is loaded under the dense stream: at a tile's start every consumer thread
-//     loads up to kSparsePrefetch CSR entries of the tile (its indptr slice was fetched one tile
-//     earlier), and at the tile's end adds value * A[m][index] into a per-tile fp32 accumulator in
-//     shared memory (atomics, duplicates add). Entries beyond 256 * kSparsePrefetch per tile are
-//     read directly (slower, still correct). Bias values are prefetched the same way.
-//   * K padding (K % 64 != 0): the layout pads with code 0 and A is zero padded in shared memory;
-//     the unit holding the last group also zeroes the looked-up values past K, so a LUT entry of
-//     Inf or NaN cannot leak into Y through a padded code.
+//     units (256 codes x 16 rows each) of one tile. qweight and the LUT are constants, so with
+//     programmatic dependent launch (PDL) the first stages are requested, and the CTA's LUT rows
+//     quantized (all of its tiles, from global memory), before griddepcontrol.wait, under the
+//     previous kernel's tail; no tile waits for the next one's tables.
+//   * 8 consumer warps: warp w decodes unit w of each stage, so a warp's units are the same k
+//     range in every tile, and it quantizes the A of exactly those units once, in the prologue
+//     (no barrier). Lane (g, t) reads its 16-byte vectors of the unit (conflict free), and per mma
+//     step its B operand (8 k of int8 A and 8 of the residual, one 16-byte load).
+//   * Per tile: each warp's 16 x 8 partial sum (step * dot + lo * base) goes to shared memory,
+//     one named barrier among the consumers, then 16 M threads add the 8 partials, the sparse part
+//     and the bias and store Y (one rounding).
+//   * The sparse part (exact, fp32) is loaded under the dense stream: at a tile's start every
+//     consumer thread loads up to kSparsePrefetch CSR entries of the tile (its indptr slice was
+//     fetched one tile earlier), and at the tile's end adds value * A[m][index] into a per-tile
+//     fp32 accumulator in shared memory. Entries beyond 256 * kSparsePrefetch per tile are read
+//     directly (slower, still correct). Bias values are prefetched the same way.
+//   * Inf and NaN: a LUT row that holds one, or a row of A that does, is computed exactly by the
+//     threads that store Y (a scalar loop over k; rare, slow, and what a plain product gives).
+//     Padding codes meet zero A, so they contribute exactly nothing.
 //
-// Shared memory. Static: the tables, 2 buffers (the next tile's is built while this one is used);
-// static so that a lookup is LDS [register + immediate]. Dynamic (bytes from its base):
+// Shared memory, all dynamic (bytes from its base):
 //   [0, 128)              mbarriers: full[kStages], empty[kStages], a_ready
-//   kRingOff              ring: kStages x (8 units + 16 LUT rows)
+//   kRingOff              ring: kStages x 8 units
 //   kRedOff               per-warp partials [2][8 warps][16 rows][8] fp32
 //   kSaccOff              sparse partials [2][16 rows][8] fp32
 //   kPtrOff, kBiasOff     indptr slices [2][17], bias values [2][16]
-//   kAOff                 A [M][rs] fp16, zero padded to 64 * ceil(K / 64) columns
+//   kFlagOff              row m of A not finite [8] int32
+//   kAOff                 A [M][units * 256] fp16, zero padded
+//   + M * a_bytes         quantized A [M][units][8 steps][4 t][qa 8, qr 8] (row stride = 64 mod 128:
+//                         the B loads of 8 rows are 4 wavefronts)
+//   + M * aq_bytes        per unit u the scales sa[u][8 m] / 127 (fp32)
+//   lut_off               the quantized LUTs of the CTA's tiles (LutTiles)
 #include <cuda_fp16.h>
 
 #include <algorithm>
@@ -65,8 +73,11 @@
 #ifndef SQLLM_TC_CTAS
 #define SQLLM_TC_CTAS 2
 #endif
+#ifndef SQLLM_TC_CHAINS
+#define SQLLM_TC_CHAINS 2
+#endif
 // Experiments (benchmarks/decode_driver.sh): 1 = stream only (no decode), 2 = decode only (the
-// first ring of stages reused, no further copies), 3 = no table lookups (timing only).
+// first ring of stages reused, no further copies); timing only.
 #ifndef SQLLM_TC_EXPERIMENT
 #define SQLLM_TC_EXPERIMENT 0
 #endif
@@ -110,24 +121,21 @@ constexpr int kUnitsPerStage = kConsumerWarps;
 constexpr int kStages = SQLLM_TC_STAGES;
 constexpr int kSparsePrefetch = 4;
 constexpr int kMaxM = 8;
+constexpr int kChains = SQLLM_TC_CHAINS;  // independent mma accumulator chains per unit
 
 template <int BITS>
 struct Cfg {
   static constexpr int kUnitBytes = 512 * BITS;  // 16 rows x 256 codes
   static constexpr int kStageBytes = kUnitsPerStage * kUnitBytes;
-  static constexpr int kLutRowBytes = (1 << BITS) * 2;
-  static constexpr int kSlotBytes = kStageBytes + 16 * kLutRowBytes;
-  // 3 bits: 2 row slots x 64 pair entries x 32 lanes x 4 B; 4 bits: 2 slots x (lo, hi) x 16 x 32 x 4.
-  static constexpr int kTableBytes = BITS == 3 ? 2 * 64 * 128 : 2 * 2 * 16 * 128;
+  static constexpr int kSlotBytes = kStageBytes;
   static constexpr int kRingOff = 128;
   static constexpr int kRedOff = kRingOff + kStages * kSlotBytes;
   static constexpr int kRedBytes = kConsumerWarps * 16 * kMaxM * 4;
   static constexpr int kSaccOff = kRedOff + 2 * kRedBytes;
   static constexpr int kPtrOff = kSaccOff + 2 * 16 * kMaxM * 4;  // int32 [2][17]
   static constexpr int kBiasOff = kPtrOff + 256;                  // fp32 [2][16]
-  static constexpr int kAOff = kBiasOff + 128;
-  static_assert((kTableBytes & (kTableBytes - 1)) == 0 && kTableBytes >= (BITS == 3 ? 8192 : 2048),
-                "the table buffer bit lies above the entry bits");
+  static constexpr int kFlagOff = kBiasOff + 128;                 // int32 [8]
+  static constexpr int kAOff = kFlagOff + 128;
   static_assert(kRingOff % 128 == 0 && kRedOff % 16 == 0 && kAOff % 128 == 0, "alignment");
   static_assert(8 * (2 * kStages + 1) <= kRingOff, "mbarriers fit before the ring");
 };
@@ -146,7 +154,9 @@ struct TcParams {
   int units;          // units per tile (ceil(groups / 4))
   int full_units;     // groups / 4
   int tiles;          // ceil(N / 16)
-  int rs;             // A row stride in shared memory (bytes)
+  int a_bytes;        // bytes per row of A in shared memory (units * 512: fp16, zero padded)
+  int aq_bytes;       // bytes per row of quantized A (units * 512 + 64)
+  int lut_off;        // shared-memory offset of the quantized LUTs of the CTA's tiles (LutTiles)
   int a_bulk;         // A rows are copied by the bulk engine (K % 8 == 0, 16-byte aligned)
   int weights_const;  // qweight and lut may be read before griddepcontrol.wait
 };
@@ -186,124 +196,166 @@ __device__ __forceinline__ void BulkCopy(uint32_t dst, const void* src, uint32_t
 }
 __device__ __forceinline__ void ConsumerBarrier() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory"); }
 
-__device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+// D += A (u8, 16 x 32) * B (s8, 32 x 8), int32 accumulation (exact).
+__device__ __forceinline__ void MmaU8S8(int (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint32_t Hadd2(uint32_t x, uint32_t y) {
-  const __half2 r = __hadd2(*reinterpret_cast<const __half2*>(&x), *reinterpret_cast<const __half2*>(&y));
-  return *reinterpret_cast<const uint32_t*>(&r);
+// Byte permute: byte n of the result is byte (sel >> 4n) & 15 of {hi, lo} (0-3: lo, 4-7: hi); the
+// selector nibbles must have bit 3 clear (set means "replicate the sign" in PRMT).
+__device__ __forceinline__ uint32_t Prmt(uint32_t lo, uint32_t hi, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(lo), "r"(hi), "r"(sel));
+  return d;
 }
 
-// (x >> shift) for a compile-time shift that may be negative (a left shift).
-template <int SHIFT>
-__device__ __forceinline__ uint32_t ShiftRight(uint32_t x) {
-  if constexpr (SHIFT >= 0)
-    return x >> SHIFT;
-  else
-    return x << (-SHIFT);
+// ---- quantization ------------------------------------------------------------------------------
+
+// Rounds to the nearest integer (ties to even) for |v| < 2^22: the integer's two's complement is
+// in the low bits of the result's bit pattern.
+__device__ __forceinline__ float RoundMagic(float v) { return v + 12582912.f; }  // 1.5 * 2^23
+
+// The low bytes of four words, packed.
+__device__ __forceinline__ uint32_t LowBytes(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  return Prmt(Prmt(a, b, 0x0040u), Prmt(c, d, 0x0040u), 0x5410u);
 }
 
-// ---- lookups -------------------------------------------------------------------------------------
-
-// 3 bits: byte offset (within a table slot) of the pair entry held by 6-bit field F of a lane's
-// unit words x[]: entry e at e * 128 + lane * 4, i.e. (field << 7) | lanebuf.
-template <int F>
-__device__ __forceinline__ uint32_t PairAddr(const uint32_t* x, uint32_t lanebuf) {
-  constexpr int kBit = 6 * F, kWord = kBit / 32, kOff = kBit % 32;
-  uint32_t v;
-  if constexpr (kOff + 6 <= 32)
-    v = ShiftRight<kOff - 7>(x[kWord]);
-  else
-    v = __funnelshift_r(x[kWord], x[kWord + 1], kOff - 7);
-  return (v & 0x1F80u) | lanebuf;
-}
-
-// 4 bits: byte offset of the entry held by the nibble at bit B of word x: (nibble << 7) | lanebuf.
-template <int B>
-__device__ __forceinline__ uint32_t NibbleAddr(uint32_t x, uint32_t lanebuf) {
-  return (ShiftRight<B - 7>(x) & 0x780u) | lanebuf;
-}
-
-// A table lookup: ld.shared at a 32-bit shared address (LDS [R + imm]: the slot offset is the immediate).
-__device__ __forceinline__ uint32_t Lds32(uint32_t addr) {
-#if SQLLM_TC_EXPERIMENT == 3  // no lookups: the address stands in for the table entry
-  return addr;
-#else
-  uint32_t v;
-  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
-  return v;
-#endif
-}
-
-// Zeroes the halves of A register `reg` (codes j = 2 (reg >> 1), + 1) whose k is >= K.
-__device__ __forceinline__ uint32_t MaskPastK(uint32_t v, int reg, int valid) {
-  const int j = 2 * (reg >> 1);
-  const uint32_t lo = valid > j ? 0x0000FFFFu : 0u, hi = valid > j + 1 ? 0xFFFF0000u : 0u;
-  return v & (lo | hi);
-}
-
-// The A registers of mma step S of group I of a unit of NG groups, from the lane's unit words x.
-// Register r holds codes (h = r & 1, s = S, j = 2 jp, 2 jp + 1) with jp = r >> 1; in the lane's
-// stream they are the pair F = (h * NG + I) * 8 + 2 S + jp (layout.h: 2 codes = 2 * BITS bits).
-template <int BITS, int NG, int I, int S>
-__device__ __forceinline__ void LookupStep(const uint32_t* x, uint32_t lanebuf, uint32_t (&a)[4]) {
-  if constexpr (BITS == 3) {  // one 64-entry pair table per row slot (h): 8 KiB apart
-    a[0] = Lds32(PairAddr<I * 8 + 2 * S>(x, lanebuf));
-    a[1] = Lds32(PairAddr<(NG + I) * 8 + 2 * S>(x, lanebuf) + 8192);
-    a[2] = Lds32(PairAddr<I * 8 + 2 * S + 1>(x, lanebuf));
-    a[3] = Lds32(PairAddr<(NG + I) * 8 + 2 * S + 1>(x, lanebuf) + 8192);
-  } else {  // per row slot (4 KiB apart) a lo and a hi table (2 KiB apart); the low nibble is the even code
+// Quantizes unit u of row m of A (fp16 in shared memory, zero padded) into the B operand layout:
+// lane L takes k = 256 u + 8 L .. + 7 (= step 2i + p, t = L % 4 of the unit) and writes
+// qa[8], qr[8] at 16 L. Returns this lane's part of scale * sum(qa + qr / 127), and writes
+// sa = scale / 127 (lane 0). A unit holding Inf or NaN becomes zeros and flags the row.
+__device__ __forceinline__ float QuantizeAUnit(const unsigned char* a_row, unsigned char* aq_row, float* sa, int u,
+                                               int lane, int* row_not_finite) {
+  const uint4 x = *reinterpret_cast<const uint4*>(a_row + 512 * u + 16 * lane);
+  const uint32_t w[4] = {x.x, x.y, x.z, x.w};
+  uint32_t mx = 0;  // max |a| as bits: finite halves are below 0x7C00
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int h = r & 1, F = ((h * NG + I) * 8 + 2 * S + (r >> 1));
-      const uint32_t w = x[F >> 2];
-      const uint32_t slot = h * 4096;
-      uint32_t lo, hi;
-      switch (F & 3) {  // compile-time after unrolling
-        case 0: lo = Lds32(NibbleAddr<0>(w, lanebuf) + slot); hi = Lds32(NibbleAddr<4>(w, lanebuf) + slot + 2048); break;
-        case 1: lo = Lds32(NibbleAddr<8>(w, lanebuf) + slot); hi = Lds32(NibbleAddr<12>(w, lanebuf) + slot + 2048); break;
-        case 2: lo = Lds32(NibbleAddr<16>(w, lanebuf) + slot); hi = Lds32(NibbleAddr<20>(w, lanebuf) + slot + 2048); break;
-        default: lo = Lds32(NibbleAddr<24>(w, lanebuf) + slot); hi = Lds32(NibbleAddr<28>(w, lanebuf) + slot + 2048); break;
+  for (int i = 0; i < 4; ++i) mx = max(mx, max(w[i] & 0x7FFFu, (w[i] >> 16) & 0x7FFFu));
+  mx = __reduce_max_sync(0xffffffffu, mx);
+  uint4 out = make_uint4(0, 0, 0, 0);
+  float part = 0.f, scale = 0.f;
+  if (mx >= 0x7C00u) {
+    if (lane == 0) *row_not_finite = 1;
+  } else if (mx) {
+    const float amax = HalfBitsToFloat(mx);
+    const float inv = 127.f / amax;
+    scale = amax / 127.f;
+    uint32_t qa[8], qr[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const float v = HalfBitsToFloat(w[e >> 1] >> (16 * (e & 1))) * inv;
+      const float va_m = RoundMagic(v), va = va_m - 12582912.f;
+      qa[e] = __float_as_uint(va_m);
+      qr[e] = __float_as_uint(RoundMagic((v - va) * 127.f));
+    }
+    out = make_uint4(LowBytes(qa[0], qa[1], qa[2], qa[3]), LowBytes(qa[4], qa[5], qa[6], qa[7]),
+                     LowBytes(qr[0], qr[1], qr[2], qr[3]), LowBytes(qr[4], qr[5], qr[6], qr[7]));
+    const int sum_a = __dp4a(static_cast<int>(out.x), 0x01010101, __dp4a(static_cast<int>(out.y), 0x01010101, 0));
+    const int sum_r = __dp4a(static_cast<int>(out.z), 0x01010101, __dp4a(static_cast<int>(out.w), 0x01010101, 0));
+    part = scale * (static_cast<float>(sum_a) + static_cast<float>(sum_r) * (1.f / 127.f));
+  }
+  *reinterpret_cast<uint4*>(aq_row + 512 * u + 16 * lane) = out;
+  if (lane == 0) *sa = scale * (1.f / 127.f);
+  return part;
+}
+
+// The quantized LUTs of a CTA's tiles, in shared memory at lut_off: per tile lt (from t0) the u8
+// rows q[lt][16][16], their (lo, step) [lt][16] and whether a row holds Inf or NaN [lt][16].
+constexpr int kLutTileBytes = 256 + 128 + 16;
+struct LutTiles {
+  unsigned char* q;
+  float2* scale;
+  unsigned char* not_finite;
+  __device__ LutTiles(unsigned char* base, int tiles)
+      : q(base), scale(reinterpret_cast<float2*>(base + 256 * tiles)), not_finite(base + 384 * tiles) {}
+};
+
+// The consumers quantize the LUT rows of tiles [t0, t1) to u8 over each row's range,
+// lut ~= lo + step * q (as the CPU int8 path: docs/op-spec.md), one entry per thread and round.
+// Rows past N, and rows holding Inf or NaN (flagged: the exact path takes them), become q = 0,
+// lo = step = 0. Done once, in the prologue: qlut and the LUT are constants, read from global
+// memory before griddepcontrol.wait when they are initializers.
+template <int BITS>
+__device__ __forceinline__ void QuantizeLuts(const __half* lut, int N, int t0, int t1, LutTiles out, int tid) {
+  constexpr int E = 1 << BITS;
+  const int total = (t1 - t0) * 16 * E;
+  for (int i0 = 0; i0 < total; i0 += kConsumers) {  // warp-uniform: a row's E entries share a warp
+    const int i = i0 + tid, lr = i / E, e = i % E, n = 16 * t0 + lr;
+    const float v = i < total && n < N ? __half2float(lut[static_cast<int64_t>(n) * E + e]) : 0.f;
+    float lo = v, hi = v;
+#pragma unroll
+    for (int off = E / 2; off; off >>= 1) {
+      lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+      hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+    }
+    const unsigned bad_lanes = __ballot_sync(0xffffffffu, !isfinite(v));
+    const bool bad = (bad_lanes >> (tid & 31 & ~(E - 1))) & ((1u << E) - 1u);
+    const float inv = hi > lo ? 255.f / (hi - lo) : 0.f;
+    if (i < total) {
+      out.q[16 * lr + e] = bad ? 0 : static_cast<unsigned char>(min(max(__float2int_rn((v - lo) * inv), 0), 255));
+      if (e == 0) {
+        out.scale[lr] = bad ? make_float2(0.f, 0.f) : make_float2(lo, (hi - lo) * (1.f / 255.f));
+        out.not_finite[lr] = bad;
       }
-      a[r] = Hadd2(lo, hi);
     }
   }
 }
 
-template <int BITS, int NG, int I>
-__device__ __forceinline__ void DecodeGroup(const uint32_t* x, uint32_t lanebuf, const unsigned char* a_lane, int kg,
-                                            int K, int t, bool mask, float (&acc)[2][4]) {
+// ---- decoding ------------------------------------------------------------------------------------
+
+// The lane's table registers: row g (T[0]) and row g + 8 (T[1]), 4 u8 entries per register.
+template <int BITS>
+struct Tables {
+  uint32_t t[2][BITS == 3 ? 2 : 4];
+};
+
+// 4 bits: the u8 values of the 4 codes in the low 16 bits of `sel` (bit 3 of each nibble clear)
+// and of their top bits `top` (0x32103210 | bit 3 at bit 2 of each nibble): two lookups of 8
+// entries and a select.
+__device__ __forceinline__ uint32_t Lookup16(const uint32_t (&t)[4], uint32_t sel, uint32_t top) {
+  return Prmt(Prmt(t[0], t[1], sel), Prmt(t[2], t[3], sel), top);
+}
+
+// The A registers of mma step (i, p) from the lane's unit words w (layout.h): a[0] row g, k
+// 8t + 0..3 (q = 0); a[1] row g + 8; a[2] row g, q = 1; a[3] row g + 8, q = 1.
+template <int BITS, int NG>
+__device__ __forceinline__ void StepOperand(const uint32_t* w, const Tables<BITS>& tb, int i, int p, uint32_t (&a)[4]) {
+  constexpr uint32_t kLow = 0x77777777u, kTop = 0x88888888u;
+  if constexpr (BITS == 3) {
+    const uint32_t x0 = w[i], x1 = w[NG + i], x2 = w[2 * NG + i];  // planes 0, 1, 2 of group i
+    uint32_t s0, s1;  // selectors of row g and row g + 8
+    if (p == 0) {
+      s0 = x0 & kLow;
+      s1 = x1 & kLow;
+    } else {  // row g + 8's codes are the planes' top bits
+      s0 = x2 & kLow;
+      s1 = ((x0 & kTop) >> 3) | ((x1 & kTop) >> 2) | ((x2 & kTop) >> 1);
+    }
+    a[0] = Prmt(tb.t[0][0], tb.t[0][1], s0);
+    a[2] = Prmt(tb.t[0][0], tb.t[0][1], s0 >> 16);
+    a[1] = Prmt(tb.t[1][0], tb.t[1][1], s1);
+    a[3] = Prmt(tb.t[1][0], tb.t[1][1], s1 >> 16);
+  } else {
 #pragma unroll
-  for (int p = 0; p < 2; ++p) {
-    const int kb = kg + 32 * p + 8 * t;  // this lane's 8 k of steps 2p, 2p + 1
-    const uint4 b = *reinterpret_cast<const uint4*>(a_lane + 2 * kb);
-#pragma unroll
-    for (int q = 0; q < 2; ++q) {
-      uint32_t a[4];
-      if (p == 0 && q == 0) LookupStep<BITS, NG, I, 0>(x, lanebuf, a);
-      if (p == 0 && q == 1) LookupStep<BITS, NG, I, 1>(x, lanebuf, a);
-      if (p == 1 && q == 0) LookupStep<BITS, NG, I, 2>(x, lanebuf, a);
-      if (p == 1 && q == 1) LookupStep<BITS, NG, I, 3>(x, lanebuf, a);
-      if (mask) {
-        const int valid = K - (kb + 4 * q);
-#pragma unroll
-        for (int r = 0; r < 4; ++r) a[r] = MaskPastK(a[r], r, valid);
-      }
-      Mma(acc[q], a, q ? b.z : b.x, q ? b.w : b.y);
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t x = w[(h * NG + i) * 2 + p];
+      const uint32_t sel = x & kLow, top = ((x >> 1) & 0x44444444u) | 0x32103210u;
+      a[h] = Lookup16(tb.t[h], sel, top);
+      a[h + 2] = Lookup16(tb.t[h], sel >> 16, top >> 16);
     }
   }
 }
 
-// Decodes one unit of NG groups (NG < 4: the partial last unit of a tile) into acc. MASK: the unit
-// holds the last group and K % 64 != 0. a_lane: this lane's row of A in shared memory (row g, or
-// row 0 for g >= M: those B columns only reach outputs m >= M, which are never stored).
-template <int BITS, int NG, bool MASK>
-__device__ __forceinline__ void DecodeUnit(const unsigned char* unit, uint32_t lanebuf, const unsigned char* a_lane,
-                                           int k0, int K, int lane, float (&acc)[2][4]) {
+// Decodes one unit of NG groups (NG < 4: the partial last unit of a tile) into acc (rows g, g + 8
+// x columns 2t, 2t + 1 of the mma fragment). b_lane: this lane's B operands of the unit (row g of
+// the quantized A, or row 0 for g >= M: those columns only reach outputs m >= M, never stored);
+// sa: the unit's scales / 127 of columns 2t, 2t + 1.
+template <int BITS, int NG>
+__device__ __forceinline__ void DecodeUnit(const unsigned char* unit, const Tables<BITS>& tb,
+                                           const unsigned char* b_lane, float2 sa, int lane, float (&acc)[4]) {
   constexpr int kWords = NG * BITS;
   uint32_t w[kWords];
   if constexpr (NG == 4) {
@@ -319,11 +371,28 @@ __device__ __forceinline__ void DecodeUnit(const unsigned char* unit, uint32_t l
 #pragma unroll
     for (int u = 0; u < kWords; ++u) w[u] = *reinterpret_cast<const uint32_t*>(unit + (u * 32 + lane) * 4);
   }
-  const int t = lane & 3;
-  DecodeGroup<BITS, NG, 0>(w, lanebuf, a_lane, k0, K, t, MASK && NG == 1, acc);
-  if constexpr (NG > 1) DecodeGroup<BITS, NG, 1>(w, lanebuf, a_lane, k0 + 64, K, t, MASK && NG == 2, acc);
-  if constexpr (NG > 2) DecodeGroup<BITS, NG, 2>(w, lanebuf, a_lane, k0 + 128, K, t, MASK && NG == 3, acc);
-  if constexpr (NG > 3) DecodeGroup<BITS, NG, 3>(w, lanebuf, a_lane, k0 + 192, K, t, MASK, acc);
+  // with the int8 part of A, with its residual; kChains / 2 sets each, to shorten the mma chains
+  int dot[kChains / 2][4] = {}, res[kChains / 2][4] = {};
+#pragma unroll
+  for (int i = 0; i < NG; ++i)
+#pragma unroll
+    for (int p = 0; p < 2; ++p) {
+      uint32_t a[4];
+      StepOperand<BITS, NG>(w, tb, i, p, a);
+      const uint4 b = *reinterpret_cast<const uint4*>(b_lane + (2 * i + p) * 64);
+      const int c = (2 * i + p) % (kChains / 2);
+      MmaU8S8(dot[c], a, b.x, b.y);
+      MmaU8S8(res[c], a, b.z, b.w);
+    }
+  // |dot| <= 256 * 255 * 127 and |res| <= 256 * 255 * 64: 127 dot + res fits int32
+#pragma unroll
+  for (int c = 1; c < kChains / 2; ++c)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) dot[0][r] += dot[c][r], res[0][r] += res[c][r];
+  acc[0] += sa.x * static_cast<float>(127 * dot[0][0] + res[0][0]);
+  acc[1] += sa.y * static_cast<float>(127 * dot[0][1] + res[0][1]);
+  acc[2] += sa.x * static_cast<float>(127 * dot[0][2] + res[0][2]);
+  acc[3] += sa.y * static_cast<float>(127 * dot[0][3] + res[0][3]);
 }
 
 // Adds the CSR entries e (one per lane, `valid`) of a tile to its sparse partials sacc[row][m]. The
@@ -352,59 +421,40 @@ __device__ __forceinline__ void AddSparse(bool valid, int e, int k, float v, con
   }
 }
 
-// Builds the lookup tables of one tile (buffer `tables`) from its LUT rows in a ring slot.
+// The exact dense part of row n (= 16 tile + r) of W against row m of A (fp16 in shared memory), for
+// the rows the int8 path cannot take: over every k when the LUT row holds Inf or NaN, else only
+// over the k where A is not finite (those terms alone decide the sum: +-Inf or NaN).
 template <int BITS>
-__device__ __forceinline__ void BuildTables(unsigned char* tables, const unsigned char* lut_rows, int valid_rows,
-                                            int tid) {
-  const __half* lut = reinterpret_cast<const __half*>(lut_rows);
-  if constexpr (BITS == 3) {
-    // quad Q = (h * 64 + e) * 8 + g holds entry e of row 8 h + g for lanes 4 g .. 4 g + 3
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int Q = tid + kConsumers * i;
-      if (Q >= 1024) break;
-      const int g = Q & 7, e = (Q >> 3) & 63, h = Q >> 9, row = 8 * h + g;
-      uint32_t v = 0;
-      if (row < valid_rows) {
-        const __half2 pair = __halves2half2(lut[row * 8 + (e & 7)], lut[row * 8 + (e >> 3)]);
-        v = *reinterpret_cast<const uint32_t*>(&pair);
-      }
-      *reinterpret_cast<uint4*>(tables + Q * 16) = make_uint4(v, v, v, v);
-    }
-  } else {
-    // quad Q = ((h * 2 + hi) * 16 + e) * 8 + g
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int Q = tid + kConsumers * i;
-      if (Q >= 512) break;
-      const int g = Q & 7, e = (Q >> 3) & 15, hi = (Q >> 7) & 1, h = Q >> 8, row = 8 * h + g;
-      uint32_t v = 0;
-      if (row < valid_rows) {
-        v = __half_as_ushort(lut[row * 16 + e]);
-        if (hi) v <<= 16;
-      }
-      *reinterpret_cast<uint4*>(tables + Q * 16) = make_uint4(v, v, v, v);
-    }
+__device__ float ExactDot(const TcParams& p, int tile, int r, int m, bool every_k, const unsigned char* a_smem) {
+  const uint32_t* q = p.q + static_cast<int64_t>(tile) * p.groups * 32 * BITS;
+  const __half* lut = p.lut + (static_cast<int64_t>(16 * tile + r) << BITS);
+  const __half* a = reinterpret_cast<const __half*>(a_smem + static_cast<int64_t>(m) * p.a_bytes);
+  float s = 0.f;
+  for (int k = 0; k < p.K; ++k) {
+    const float x = __half2float(a[k]);
+    if (!every_k && isfinite(x)) continue;
+    s += __half2float(lut[layout::CodeAt(q, r, k, p.K, BITS)]) * x;
   }
+  return s;
 }
 
-// GENERAL: K % 256 != 0, so tiles end in a partial or masked unit; otherwise every unit is full and
-// unmasked, and the kernel carries no code for the other cases.
-template <int BITS, bool GENERAL>
+// GENERAL: K % 256 != 0, so tiles end in a partial unit; otherwise every unit is full, and the
+// kernel carries no code for the other case. SPARSE: the op has a CSR part (a dense kernel carries
+// none of its code: at 2 units per warp and tile, every instruction outside the units counts).
+template <int BITS, bool GENERAL, bool SPARSE>
 __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __grid_constant__ TcParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900  // the bulk copy engine; the launcher requires sm_90
   using C = Cfg<BITS>;
   extern __shared__ __align__(128) unsigned char smem[];
-  // The tables' shared address is aligned to 8 KiB, so that its bits are disjoint from the entry
-  // bits (7 .. 12) and one LOP3 forms a whole lookup address (8 KiB of slack).
-  __shared__ __align__(128) unsigned char tables_raw[2 * C::kTableBytes + 8192];
-  const uint32_t tables_addr = (SmemAddr(tables_raw) + 8191u) & ~8191u;
-  unsigned char* const tables = tables_raw + (tables_addr - SmemAddr(tables_raw));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const uint32_t bars = SmemAddr(smem);
   const auto full = [&](int s) { return bars + 8 * s; };
   const auto empty = [&](int s) { return bars + 8 * (kStages + s); };
   const uint32_t a_ready = bars + 8 * (2 * kStages);
+  unsigned char* const a_smem = smem + C::kAOff;
+  unsigned char* const aq_smem = a_smem + p.M * p.a_bytes;
+  float* const sa_smem = reinterpret_cast<float*>(aq_smem + p.M * p.aq_bytes);  // [units][8]
+  int* const a_flags = reinterpret_cast<int*>(smem + C::kFlagOff);  // [8]: row m of A not finite
 
   // This CTA's tiles [t0, t1).
   const int t0 = static_cast<int>(static_cast<int64_t>(blockIdx.x) * p.tiles / gridDim.x);
@@ -431,7 +481,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
       if (p.a_bulk) {
         MbarExpectTx(a_ready, static_cast<uint32_t>(p.M * p.K * 2));
         for (int m = 0; m < p.M; ++m)
-          BulkCopy(SmemAddr(smem + C::kAOff + m * p.rs), p.a + static_cast<int64_t>(m) * p.K,
+          BulkCopy(SmemAddr(a_smem + m * p.a_bytes), p.a + static_cast<int64_t>(m) * p.K,
                    static_cast<uint32_t>(p.K * 2), a_ready);
       }
     };
@@ -451,15 +501,9 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
         const int u0 = j * kUnitsPerStage, u1 = min(p.units, u0 + kUnitsPerStage);
         const int full_in_stage = max(0, min(u1, p.full_units) - u0);
         const uint32_t bytes = full_in_stage * C::kUnitBytes + (u1 > p.full_units ? partial_groups * 128 * BITS : 0);
-        const int valid_rows = min(16, p.N - 16 * tile);
-        const uint32_t lut_bytes = j == 0 ? valid_rows * C::kLutRowBytes : 0;
         const uint32_t dst = SmemAddr(smem + C::kRingOff + slot * C::kSlotBytes);
-        MbarExpectTx(full(slot), bytes + lut_bytes);
+        MbarExpectTx(full(slot), bytes);
         BulkCopy(dst, tile_src + static_cast<int64_t>(u0) * C::kUnitBytes, bytes, full(slot));
-        if (lut_bytes)
-          BulkCopy(dst + C::kStageBytes,
-                   reinterpret_cast<const unsigned char*>(p.lut) + static_cast<int64_t>(tile) * 16 * C::kLutRowBytes,
-                   lut_bytes, full(slot));
       }
     }
     if (!a_issued) issue_a();
@@ -468,11 +512,14 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
 
   // ---- consumers ----
   SQLLM_PROFILE_MARK(0);
+  const LutTiles luts(smem + p.lut_off, t1 - t0);
+  if (p.weights_const) QuantizeLuts<BITS>(p.lut, p.N, t0, t1, luts, tid);  // under the previous kernel's tail
   PdlWait();  // A, the CSR and the bias may come from the previous kernel, and Y may be its input
+  if (!p.weights_const) QuantizeLuts<BITS>(p.lut, p.N, t0, t1, luts, tid);
   SQLLM_PROFILE_MARK(1);
-  const int Kp = p.groups * 64;
+  const int Kp = p.units * 256;
   for (int m = 0; m < p.M; ++m) {
-    __half* row = reinterpret_cast<__half*>(smem + C::kAOff + m * p.rs);
+    __half* row = reinterpret_cast<__half*>(a_smem + m * p.a_bytes);
     if (!p.a_bulk)
       for (int k = tid; k < p.K; k += kConsumers) row[k] = p.a[static_cast<int64_t>(m) * p.K + k];
     for (int k = p.K + tid; k < Kp; k += kConsumers) row[k] = __float2half(0.f);
@@ -480,19 +527,35 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
   float* const sacc = reinterpret_cast<float*>(smem + C::kSaccOff);  // [2][16][8]
   int32_t* const ptr_s = reinterpret_cast<int32_t*>(smem + C::kPtrOff);  // [2][17]
   if (tid < 2 * 16 * kMaxM) sacc[tid] = 0.f;
-  const bool sparse = p.indptr != nullptr;
-  if (sparse && tid <= 16) ptr_s[tid] = p.indptr[min(16 * t0 + tid, p.N)];
-  MbarWait(full(0), 0);
-  BuildTables<BITS>(tables, smem + C::kRingOff + C::kStageBytes, min(16, p.N - 16 * t0), tid);
-  ConsumerBarrier();
+  if (tid < kMaxM) a_flags[tid] = 0;
+  if (SPARSE && tid <= 16) ptr_s[tid] = p.indptr[min(16 * t0 + tid, p.N)];
+  ConsumerBarrier();  // the zero padding of A, the quantized LUTs, the flags
   if (p.a_bulk) MbarWait(a_ready, 0);
+  // Quantize the A of this warp's units (the same in every tile), two units at a time (independent
+  // chains); base = sum over them of scale * sum(qa + qr / 127) for columns m = 2t, 2t + 1.
+  const int g = lane >> 2, t = lane & 3;
+  float base0 = 0.f, base1 = 0.f;
+  for (int m = 0; m < p.M; ++m) {
+    float part = 0.f;
+    for (int u = warp; u < p.units; u += 2 * kUnitsPerStage) {
+      const int u2 = u + kUnitsPerStage;
+      part += QuantizeAUnit(a_smem + m * p.a_bytes, aq_smem + m * p.aq_bytes, sa_smem + 8 * u + m, u, lane,
+                            a_flags + m);
+      if (u2 < p.units)
+        part += QuantizeAUnit(a_smem + m * p.a_bytes, aq_smem + m * p.aq_bytes, sa_smem + 8 * u2 + m, u2, lane,
+                              a_flags + m);
+    }
+    part = WarpSum(part);
+    if (m == 2 * t) base0 = part;
+    if (m == 2 * t + 1) base1 = part;
+  }
+  __syncwarp();
   SQLLM_PROFILE_MARK(2);
 
-  const int g = lane >> 2, t = lane & 3;
-  const unsigned char* a_lane = smem + C::kAOff + (g < p.M ? g : 0) * p.rs;
-  const bool mask_tail = (p.K & 63) != 0;
-  const int last_unit = (p.groups - 1) / 4;
-  int q = 0;
+  const unsigned char* b_row = aq_smem + (g < p.M ? g : 0) * p.aq_bytes + 16 * t;
+  const unsigned char* const ring_warp = smem + C::kRingOff + warp * C::kUnitBytes;
+  int q = 0, slot = 0;  // stage count, its ring slot
+  uint32_t phase = 0;   // and the parity of its fill
   for (int tile = t0, lt = 0; tile < t1; ++tile, ++lt) {
     const int b = lt & 1;
     const int32_t* ptr = ptr_s + 17 * b;
@@ -500,7 +563,7 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
     int32_t idx[kSparsePrefetch];
     float val[kSparsePrefetch];
     int e0 = 0, e1 = 0, next_ptr = 0;
-    if (sparse) {
+    if constexpr (SPARSE) {
       e0 = ptr[0];
       e1 = ptr[16];
 #pragma unroll
@@ -514,58 +577,57 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
     float bias = 0.f;
     if (p.bias && tid < 16 && 16 * tile + tid < p.N) bias = __half2float(p.bias[16 * tile + tid]);
     float* const bias_b = reinterpret_cast<float*>(smem + C::kBiasOff) + 16 * b;
+    // This tile's tables and scales, in registers.
+    Tables<BITS> tb;
+    const unsigned char* qb = luts.q + 256 * lt;
+    if constexpr (BITS == 3) {
+      const uint2 x = *reinterpret_cast<const uint2*>(qb + 16 * g), y = *reinterpret_cast<const uint2*>(qb + 16 * (g + 8));
+      tb.t[0][0] = x.x, tb.t[0][1] = x.y, tb.t[1][0] = y.x, tb.t[1][1] = y.y;
+    } else {
+      const uint4 x = *reinterpret_cast<const uint4*>(qb + 16 * g), y = *reinterpret_cast<const uint4*>(qb + 16 * (g + 8));
+      tb.t[0][0] = x.x, tb.t[0][1] = x.y, tb.t[0][2] = x.z, tb.t[0][3] = x.w;
+      tb.t[1][0] = y.x, tb.t[1][1] = y.y, tb.t[1][2] = y.z, tb.t[1][3] = y.w;
+    }
+    const float2 sc0 = luts.scale[16 * lt + g], sc1 = luts.scale[16 * lt + g + 8];  // (lo, step): rows g, g + 8
 
-    float acc[2][4] = {};
-    // Lookups address (lanebuf | entry << 7) + slot (immediate): lanebuf = the 8 KiB-aligned tables,
-    // this buffer and this lane, all disjoint from the entry bits.
-    const uint32_t lanebuf = tables_addr + b * C::kTableBytes + lane * 4;
-    for (int j = 0; j < stages_per_tile; ++j, ++q) {
-      const int slot = q % kStages;
-      if (SQLLM_TC_EXPERIMENT != 2 || q < kStages) MbarWait(full(slot), (q / kStages) & 1);
-      const int u = j * kUnitsPerStage + warp;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    // this warp's unit u = warp + 8 j of stage j, its B operands and scales (pointers stepped per stage)
+    const unsigned char* b_lane = b_row + 512 * warp;
+    const float* sa_u = sa_smem + 8 * warp + 2 * t;
+    for (int u = warp; u < kUnitsPerStage * stages_per_tile; u += kUnitsPerStage, ++q) {
+      if (SQLLM_TC_EXPERIMENT != 2 || q < kStages) MbarWait(full(slot), phase);
       if (SQLLM_TC_EXPERIMENT != 1 && u < p.units) {
-        const unsigned char* unit = smem + C::kRingOff + slot * C::kSlotBytes + warp * C::kUnitBytes;
-        const bool masked = mask_tail && u == last_unit;
-        const int ng = u < p.full_units ? 4 : partial_groups;
-        const int k0 = 256 * u;
-#define SQLLM_UNIT(NG, MASK) DecodeUnit<BITS, NG, MASK>(unit, lanebuf, a_lane, k0, p.K, lane, acc)
-        if (!GENERAL) {
-          SQLLM_UNIT(4, false);
-        } else switch (ng * 2 + masked) {
-          case 8: SQLLM_UNIT(4, false); break;
-          case 9: SQLLM_UNIT(4, true); break;
-          case 6: SQLLM_UNIT(3, false); break;
-          case 7: SQLLM_UNIT(3, true); break;
-          case 4: SQLLM_UNIT(2, false); break;
-          case 5: SQLLM_UNIT(2, true); break;
-          case 2: SQLLM_UNIT(1, false); break;
-          default: SQLLM_UNIT(1, true); break;
+        const unsigned char* unit = ring_warp + slot * C::kSlotBytes;
+        const float2 sa = *reinterpret_cast<const float2*>(sa_u);
+        if (!GENERAL || u < p.full_units) {
+          DecodeUnit<BITS, 4>(unit, tb, b_lane, sa, lane, acc);
+        } else if constexpr (GENERAL) {
+          switch (partial_groups) {
+            case 1: DecodeUnit<BITS, 1>(unit, tb, b_lane, sa, lane, acc); break;
+            case 2: DecodeUnit<BITS, 2>(unit, tb, b_lane, sa, lane, acc); break;
+            default: DecodeUnit<BITS, 3>(unit, tb, b_lane, sa, lane, acc); break;
+          }
         }
-#undef SQLLM_UNIT
-      }
-      if (j == stages_per_tile - 1 && tile + 1 < t1) {  // the next tile's tables, from its first stage
-        const int q1 = q + 1, slot1 = q1 % kStages;
-        if (SQLLM_TC_EXPERIMENT != 2 || q1 < kStages) MbarWait(full(slot1), (q1 / kStages) & 1);
-        BuildTables<BITS>(tables + (b ^ 1) * C::kTableBytes,
-                          smem + C::kRingOff + slot1 * C::kSlotBytes + C::kStageBytes, min(16, p.N - 16 * (tile + 1)),
-                          tid);
       }
       __syncwarp();
       if (lane == 0 && (SQLLM_TC_EXPERIMENT != 2 || q < kStages)) MbarArrive(empty(slot));
+      b_lane += 512 * kUnitsPerStage;
+      sa_u += 8 * kUnitsPerStage;
+      if (++slot == kStages) slot = 0, phase ^= 1;
     }
 
     float* const sacc_b = sacc + 128 * b;
-    if (sparse) {
+    if constexpr (SPARSE) {
 #pragma unroll
       for (int i = 0; i < kSparsePrefetch; ++i) {
         const int e = e0 + tid + kConsumers * i;
         if (__any_sync(0xffffffffu, idx[i] >= 0))
-          AddSparse(idx[i] >= 0, e, idx[i], val[i], ptr, smem + C::kAOff, p.rs, p.M, lane, sacc_b);
+          AddSparse(idx[i] >= 0, e, idx[i], val[i], ptr, a_smem, p.a_bytes, p.M, lane, sacc_b);
       }
       for (int e0w = e0 + kConsumers * kSparsePrefetch + warp * 32; e0w < e1; e0w += kConsumers) {
         const int e = e0w + lane;  // beyond the prefetch: read directly
         const bool ok = e < e1;
-        AddSparse(ok, e, ok ? p.indices[e] : 0, ok ? __half2float(p.values[e]) : 0.f, ptr, smem + C::kAOff, p.rs, p.M,
+        AddSparse(ok, e, ok ? p.indices[e] : 0, ok ? __half2float(p.values[e]) : 0.f, ptr, a_smem, p.a_bytes, p.M,
                   lane, sacc_b);
       }
       if (tid <= 16 && tile + 1 < t1) ptr_s[17 * (b ^ 1) + tid] = next_ptr;
@@ -573,17 +635,20 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
     if (tid < 16) bias_b[tid] = bias;
     // Partials: lane (g, t) holds rows g, g + 8 and columns (m) 2t, 2t + 1.
     float* const red = reinterpret_cast<float*>(smem + C::kRedOff + b * C::kRedBytes) + warp * 128;
-    *reinterpret_cast<float2*>(red + g * 8 + 2 * t) = make_float2(acc[0][0] + acc[1][0], acc[0][1] + acc[1][1]);
+    *reinterpret_cast<float2*>(red + g * 8 + 2 * t) =
+        make_float2(sc0.y * acc[0] + sc0.x * base0, sc0.y * acc[1] + sc0.x * base1);
     *reinterpret_cast<float2*>(red + (g + 8) * 8 + 2 * t) =
-        make_float2(acc[0][2] + acc[1][2], acc[0][3] + acc[1][3]);
+        make_float2(sc1.y * acc[2] + sc1.x * base0, sc1.y * acc[3] + sc1.x * base1);
     ConsumerBarrier();
     if (tid < 16 * p.M) {
       const int r = tid & 15, m = tid >> 4, n = 16 * tile + r;
       const float* red_b = reinterpret_cast<const float*>(smem + C::kRedOff + b * C::kRedBytes);
-      float s = sacc_b[r * 8 + m];
+      float s = 0.f;
 #pragma unroll
       for (int w = 0; w < kConsumerWarps; ++w) s += red_b[w * 128 + r * 8 + m];
-      s += bias_b[r];
+      const bool lut_bad = luts.not_finite[16 * lt + r];
+      if (n < p.N && (lut_bad || a_flags[m])) s = ExactDot<BITS>(p, tile, r, m, lut_bad, a_smem);
+      s += sacc_b[r * 8 + m] + bias_b[r];
       if (n < p.N) p.y[static_cast<int64_t>(m) * p.N + n] = __float2half_rn(s);
       sacc_b[r * 8 + m] = 0.f;
     }
@@ -592,46 +657,61 @@ __global__ void __launch_bounds__(kThreads, kCtasPerSm) DecodeTcKernel(const __g
 #endif
 }
 
-// Dynamic shared memory, and all of it (the tables are static, with 8 KiB of alignment slack).
+// Shared memory of a CTA with M rows of A and `tiles` tiles.
 template <int BITS>
-int64_t SmemBytes(int M, int rs) {
-  return Cfg<BITS>::kAOff + static_cast<int64_t>(M) * rs;
-}
-template <int BITS>
-constexpr int64_t kStaticSmem = 2 * Cfg<BITS>::kTableBytes + 8192;
-template <int BITS>
-int64_t TotalSmemBytes(int M, int rs) {
-  return SmemBytes<BITS>(M, rs) + kStaticSmem<BITS>;
+int64_t SmemBytes(int M, int tiles, const TcParams& k) {
+  return Cfg<BITS>::kAOff + static_cast<int64_t>(M) * (k.a_bytes + k.aq_bytes) + static_cast<int64_t>(k.units) * 32 +
+         static_cast<int64_t>(tiles) * kLutTileBytes;
 }
 
 template <int BITS>
 std::string Launch(const Problem& p, const DeviceArgs& d, cudaStream_t stream, bool pdl, bool weights_const,
                    const DeviceInfo& dev, bool* launched) {
-  const int64_t groups = layout::Groups(p.K);
-  const int rs = static_cast<int>((groups * 128 + 127) / 128 * 128 + 64);  // >= 2 * 64 * groups, = 64 mod 128
-  const int64_t fixed = TotalSmemBytes<BITS>(0, rs);
-  const int64_t m_fit = (dev.smem_optin - fixed) / rs;
+  TcParams k{};
+  k.groups = static_cast<int>(layout::Groups(p.K));
+  k.full_units = static_cast<int>(layout::FullUnits(p.K));
+  k.units = (k.groups + 3) / 4;
+  k.a_bytes = k.units * 512;
+  k.aq_bytes = k.units * 512 + 64;
+  k.tiles = static_cast<int>(layout::Tiles(p.N));
+  // Persistent CTAs: kCtasPerSm per SM where they fit (1 KiB of shared memory per block is reserved
+  // by the system), else one; a CTA holds the quantized LUTs of its ceil(tiles / grid) tiles.
+  const auto tiles_per_cta = [&](int64_t per_sm) {
+    const int64_t grid = std::min<int64_t>(k.tiles, dev.sms * per_sm);
+    return static_cast<int>((k.tiles + grid - 1) / grid);
+  };
+  const int64_t per_row = k.a_bytes + k.aq_bytes;
+  const int64_t m_fit = (dev.smem_optin - SmemBytes<BITS>(0, tiles_per_cta(1), k)) / per_row;
   if (m_fit < 1) return "";  // A does not fit in shared memory: the CUDA-core kernel takes it
   const int chunks = static_cast<int>((p.M + std::min<int64_t>(m_fit, kMaxM) - 1) / std::min<int64_t>(m_fit, kMaxM));
   const int m_chunk = static_cast<int>((p.M + chunks - 1) / chunks);
-  const size_t smem = static_cast<size_t>(SmemBytes<BITS>(m_chunk, rs));
+  int64_t per_sm = kCtasPerSm;
+  while (per_sm > 1 && per_sm * (SmemBytes<BITS>(m_chunk, tiles_per_cta(per_sm), k) + 1024) > dev.smem_per_sm) --per_sm;
+  const int grid = static_cast<int>(std::min<int64_t>(k.tiles, dev.sms * per_sm));
+  // Shared memory enough that no more than per_sm CTAs share an SM: with PDL the next launch's CTAs
+  // would otherwise fill spare room early and crowd some SMs (3 CTAs on one, measured slower).
+  const size_t smem = static_cast<size_t>(
+      std::max<int64_t>(SmemBytes<BITS>(m_chunk, tiles_per_cta(per_sm), k),
+                        std::min<int64_t>(dev.smem_optin, dev.smem_per_sm / (per_sm + 1) - 1024 + 128)));
+  k.lut_off = static_cast<int>(SmemBytes<BITS>(m_chunk, 0, k));
   const bool general = p.K % layout::kUnitCodes != 0;
-  const auto kernel = general ? &DecodeTcKernel<BITS, true> : &DecodeTcKernel<BITS, false>;
+  const auto kernel = general ? (p.has_sparse ? &DecodeTcKernel<BITS, true, true> : &DecodeTcKernel<BITS, true, false>)
+                              : (p.has_sparse ? &DecodeTcKernel<BITS, false, true> : &DecodeTcKernel<BITS, false, false>);
   {
     static std::mutex mutex;
     static bool configured[64] = {};
     std::lock_guard<std::mutex> lock(mutex);
     if (dev.device < 0 || dev.device >= 64) return "SqueezeMatMul (CUDA): device ordinal out of range";
-    if (!configured[dev.device]) {  // both kernels may use all the dynamic shared memory a block can have
-      for (auto* f : {&DecodeTcKernel<BITS, true>, &DecodeTcKernel<BITS, false>})
-        if (const cudaError_t e = cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       static_cast<int>(dev.smem_optin - kStaticSmem<BITS>));
+    if (!configured[dev.device]) {  // both kernels may use all the shared memory a block can have
+      for (auto* f : {&DecodeTcKernel<BITS, true, true>, &DecodeTcKernel<BITS, true, false>,
+                      &DecodeTcKernel<BITS, false, true>, &DecodeTcKernel<BITS, false, false>})
+        if (const cudaError_t e =
+                cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dev.smem_optin));
             e != cudaSuccess)
           return CudaMessage(e, "configuring the tensor-core decode kernel");
       configured[dev.device] = true;
     }
   }
-  TcParams k{};
   k.q = d.qweight;
   k.lut = static_cast<const __half*>(d.lut);
   k.indptr = p.has_sparse ? d.indptr : nullptr;
@@ -640,16 +720,7 @@ std::string Launch(const Problem& p, const DeviceArgs& d, cudaStream_t stream, b
   k.bias = p.has_bias ? static_cast<const __half*>(d.bias) : nullptr;
   k.K = static_cast<int>(p.K);
   k.N = static_cast<int>(p.N);
-  k.groups = static_cast<int>(groups);
-  k.full_units = static_cast<int>(layout::FullUnits(p.K));
-  k.units = static_cast<int>((groups + 3) / 4);
-  k.tiles = static_cast<int>(layout::Tiles(p.N));
-  k.rs = rs;
   k.weights_const = weights_const ? 1 : 0;
-  // Persistent: as many CTAs as fit on the GPU at once (up to kCtasPerSm per SM; 1 KiB of shared
-  // memory per block is reserved by the system).
-  const int64_t per_sm = std::clamp<int64_t>(dev.smem_per_sm / (TotalSmemBytes<BITS>(m_chunk, rs) + 1024), 1, kCtasPerSm);
-  const int grid = static_cast<int>(std::min<int64_t>(k.tiles, dev.sms * per_sm));
   for (int64_t m0 = 0; m0 < p.M; m0 += m_chunk) {
     k.M = static_cast<int>(std::min<int64_t>(m_chunk, p.M - m0));
     k.a = static_cast<const __half*>(d.a) + m0 * p.K;

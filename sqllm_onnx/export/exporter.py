@@ -110,6 +110,8 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
     if note:
         log(note)
 
+    # the lean graph computes q/k/v of each layer with one SqueezeMatMul (lean_graph.fused_projections)
+    fused = lean_graph.fused_projections(model) if style == "lean" and not nbits else {}
     try:
         staging.mkdir()
         log(f"exporting through Optimum ({TASK}, {style} graph) into {staging}")
@@ -122,8 +124,12 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
             summary["matmul_nbits_nodes"] = nbits_linear.count_nodes(staging / "model.onnx")
         op_name, op_count = ("MatMulNBits", summary["matmul_nbits_nodes"]) if nbits else \
             ("SqueezeMatMul", summary["squeeze_matmul_nodes"])
-        if op_count != len(layers):
-            raise ExportError(f"the graph has {op_count} {op_name} nodes but {len(layers)} layers were quantized")
+        expected = len(layers) - sum(len(parts) - 1 for parts in fused.values())
+        if op_count != expected:
+            raise ExportError(f"the graph has {op_count} {op_name} nodes but {len(layers)} layers were quantized "
+                              f"({len(fused)} fused q/k/v projections: {expected} nodes expected)")
+        if fused:
+            summary["fused_projections"] = {name: [[part, n] for part, n in parts] for name, parts in fused.items()}
         _write_side_files(model, tokenizer, staging, out_dir)
         check = _validate(staging, model, tokenizer, dtype) if validate else None
         manifest = _manifest(qmodel, dtype, summary, check, staging, time.time() - started, style)

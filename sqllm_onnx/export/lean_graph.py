@@ -11,12 +11,13 @@ produces:
 
     SkipSimplifiedLayerNormalization   input_layernorm, fused with the previous layer's residual add
                                        (layer 0: SimplifiedLayerNormalization, nothing to add)
-    q_proj, k_proj, v_proj             whatever module is there: MatMul(+Add) for nn.Linear,
-                                       sqllm.SqueezeMatMul for SqueezeLinear (never fused into one
-                                       QKV matmul: the quantizer packs them separately); Qwen3 then
-                                       normalises each head of q and k (Reshape,
-                                       SimplifiedLayerNormalization, Reshape); Phi-3's fused
-                                       qkv_proj is one projection and a Split
+    q_proj, k_proj, v_proj             one sqllm.SqueezeMatMul of the three SqueezeLinears' rows
+                                       stacked (tables, codes and CSR are per output row, so the
+                                       fused node computes exactly what the three would), and a
+                                       Split; other modules as they are (MatMul(+Add) for
+                                       nn.Linear); Qwen3 then normalises each head of q and k
+                                       (Reshape, SimplifiedLayerNormalization, Reshape); Phi-3's
+                                       fused qkv_proj is one projection and a Split
     GroupQueryAttention                rotary (do_rotary=1, cos/sin caches), KV-cache concat, causal
                                        (and sliding-window) masking, GQA head sharing, softmax
     o_proj
@@ -339,6 +340,31 @@ def _head_norm(x, norm, head_dim: int, config):
     return _norm(x.reshape(shape[0], shape[1], -1, head_dim), norm, config).reshape(shape)
 
 
+FUSED_QKV = "sqllm_qkv"  # the fused q/k/v SqueezeLinear's attribute on the attention module (while patched)
+
+
+def qkv_fusable(attn) -> bool:
+    """Whether q/k/v of this attention module are SqueezeLinears that one SqueezeMatMul can compute."""
+    from sqllm_onnx.export.squeeze_linear import SqueezeLinear
+
+    mods = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    if not all(isinstance(m, SqueezeLinear) for m in mods):
+        return False
+    return len({(m.K, m.bits, m.lut.dtype) for m in mods}) == 1
+
+
+def fused_projections(model) -> dict[str, list[tuple[str, int]]]:
+    """fused layer name -> [(layer name, N), ...] of the projections the lean graph fuses."""
+    base, out = _base_model(model), {}
+    prefix = next(name for name, module in model.named_modules() if module is base)
+    for i, layer in enumerate(base.layers[: model.config.num_hidden_layers]):
+        attn = layer.self_attn
+        if qkv_fusable(attn):
+            at = f"{prefix}.layers.{i}.self_attn" if prefix else f"layers.{i}.self_attn"
+            out[f"{at}.{FUSED_QKV}"] = [(f"{at}.{name}", getattr(attn, name).N) for name in ("q_proj", "k_proj", "v_proj")]
+    return out
+
+
 def _lean_layer_forward(layer, pending, residual, cache, seqlens_k, total_len, tables, config):
     """One decoder layer. `pending` is the previous layer's MLP output (None for layer 0), not yet
     added to `residual`; returns this layer's (MLP output, residual) for the next one. `tables`:
@@ -350,9 +376,11 @@ def _lean_layer_forward(layer, pending, residual, cache, seqlens_k, total_len, t
         x, residual = _skip_norm(pending, residual, layer.input_layernorm, config)
     B = x.shape[0]
     kv_heads = config.num_key_value_heads or config.num_attention_heads
+    q_size, kv_size = config.num_attention_heads * attn.head_dim, kv_heads * attn.head_dim
     if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, split once (a Split node)
-        q_size, kv_size = config.num_attention_heads * attn.head_dim, kv_heads * attn.head_dim
         q, k, v = attn.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+    elif hasattr(attn, FUSED_QKV):  # q/k/v SqueezeLinears, fused by patched()
+        q, k, v = getattr(attn, FUSED_QKV)(x).split([q_size, kv_size, kv_size], dim=-1)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
     if config.model_type in HEAD_NORM_ARCHITECTURES:  # Qwen3: RMSNorm of each head, then GQA's rotary
@@ -440,6 +468,7 @@ def patched(model, dtype=None):
         base.register_buffer(COS_CACHE_LOCAL, cos_local, persistent=True)
         base.register_buffer(SIN_CACHE_LOCAL, sin_local, persistent=True)
     base.forward = _lean_model_forward.__get__(base, type(base))
+    fused = _fuse_qkv(base)
     try:
         yield model
     finally:
@@ -449,6 +478,23 @@ def patched(model, dtype=None):
             del base.forward
         for name in (COS_CACHE, SIN_CACHE, COS_CACHE_LOCAL, SIN_CACHE_LOCAL):
             base._buffers.pop(name, None)
+        for attn in fused:
+            delattr(attn, FUSED_QKV)
+
+
+def _fuse_qkv(base) -> list:
+    """Gives every attention module whose q/k/v qualify (qkv_fusable) one SqueezeLinear of their
+    stacked rows (the three stay, untraced, so that leaving patched() restores the model)."""
+    from sqllm_onnx.export.squeeze_linear import SqueezeLinear, concat_rows, packed_of
+
+    fused = []
+    for layer in base.layers:
+        attn = layer.self_attn
+        if qkv_fusable(attn):
+            setattr(attn, FUSED_QKV, SqueezeLinear(concat_rows(
+                [packed_of(getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj")])))
+            fused.append(attn)
+    return fused
 
 
 def finalize(model_path, vocab_size: int | None = None) -> None:

@@ -19,27 +19,28 @@ from sqllm_onnx.op import DOMAIN, OP_TYPE, PackedLinear
 
 
 @functools.lru_cache(maxsize=64)
-def _tile_code_words(K: int, bits: int):
-    """Per code (r, k) of a tile (r < 16, k < 64 ceil(K/64)): the words holding its first and last
-    bit and the shift of its first bit (reference.pack_codes' layout)."""
+def _tile_code_bits(K: int, bits: int):
+    """Per code (r, k) of a tile (r < 16, k < 64 ceil(K/64)) and bit b: the word and the bit within it
+    (reference.pack_codes' layout; a 3-bit code's bits may lie in three words)."""
     pos = reference._tile_bit_positions(K, bits).reshape(reference.TILE_ROWS, -1, bits)
-    return pos[..., 0] // 32, pos[..., -1] // 32, pos[..., 0] % 32
+    return pos // 32, pos % 32
 
 
 def dequantize_torch(qweight: torch.Tensor, lut: torch.Tensor, K: int, bits: int, indptr=None, indices=None,
                      values=None) -> torch.Tensor:
     """W [N, K] in lut's dtype: lut[n, code(n, k)] (+ the CSR part). Same contract as
-    reference.dequantize, vectorised in torch for large layers (tiles in chunks of ~16M codes)."""
+    reference.dequantize, vectorised in torch for large layers (tiles in chunks of ~16M code bits)."""
     N = lut.shape[0]
-    first, last, shift = (torch.from_numpy(a).to(qweight.device) for a in _tile_code_words(K, bits))
+    word, bit = (torch.from_numpy(a).to(qweight.device) for a in _tile_code_bits(K, bits))
     q = qweight.to(torch.int64) & 0xFFFFFFFF
-    mask = (1 << bits) - 1
-    per_chunk = max(1, (1 << 24) // first.numel())
+    per_chunk = max(1, (1 << 24) // word.numel())
     codes = []
     for t0 in range(0, q.shape[0], per_chunk):
         qt = q[t0:t0 + per_chunk]
-        lo, hi = qt[:, first], qt[:, last]  # [tiles, 16, Kp]
-        codes.append((((lo | (hi << 32)) >> shift) & mask).reshape(-1, first.shape[1]))
+        c = torch.zeros((qt.shape[0], *word.shape[:2]), dtype=torch.int64, device=qt.device)
+        for b in range(bits):  # [tiles, 16, Kp] per bit
+            c |= ((qt[:, word[..., b]] >> bit[..., b]) & 1) << b
+        codes.append(c.reshape(-1, word.shape[1]))
     codes = torch.cat(codes)[:N, :K]
     W = torch.gather(lut, 1, codes)
     if indptr is not None and indices is not None and indices.numel():
@@ -70,7 +71,7 @@ class _SqueezeMatMulFunction(torch.autograd.Function):
             inputs += [indptr, indices, values] if indptr is not None else [_omitted(g)] * 3
         if bias is not None:
             inputs.append(bias)
-        y = g.op(f"{DOMAIN}::{OP_TYPE}", *inputs, K_i=K, N_i=N, bits_i=bits)
+        y = g.op(f"{DOMAIN}::{OP_TYPE}", *inputs, K_i=K, N_i=N, bits_i=bits, layout_i=reference.CODE_LAYOUT)
         # Y's shape for the exporter (ONNX shape inference does not know the op): without it the
         # shape-dependent ops of an MoE router (its expert-mask squeeze) become If nodes whose dead
         # branch ORT refuses to type-check (as nbits_linear.py does for MatMulNBits).
@@ -111,6 +112,49 @@ class SqueezeLinear(nn.Module):
     def extra_repr(self) -> str:
         nnz = 0 if self.sparse_indices is None else self.sparse_indices.numel()
         return f"K={self.K}, N={self.N}, bits={self.bits}, nnz={nnz}, bias={self.bias is not None}"
+
+
+def concat_rows(layers: list[PackedLinear]) -> PackedLinear:
+    """One layer computing the given layers' outputs side by side (their rows of W stacked along N):
+    SqueezeLLM's tables, codes and CSR are per output row, so nothing of the quantization changes.
+    All layers need the same K, bits and LUT dtype. Tiles are stacked as they are when every N but
+    the last is a multiple of 16; otherwise the codes are repacked."""
+    first = layers[0]
+    if any((l.K, l.bits, l.lut.dtype) != (first.K, first.bits, first.lut.dtype) for l in layers):
+        raise ValueError("concat_rows: the layers differ in K, bits or LUT dtype")
+    K, bits = first.K, first.bits
+    if all(l.N % reference.TILE_ROWS == 0 for l in layers[:-1]):
+        qweight = np.concatenate([l.qweight for l in layers])
+    else:
+        qweight = reference.pack_codes(np.concatenate([reference.unpack_codes(l.qweight, K, bits, l.N)
+                                                       for l in layers]), bits)
+    lut = np.concatenate([l.lut for l in layers])
+    indptr = indices = values = None
+    if any(l.sparse_indptr is not None for l in layers):
+        ptrs, idx, vals, offset = [np.zeros(1, np.int32)], [], [], 0
+        for l in layers:
+            if l.sparse_indptr is None:
+                ptrs.append(np.full(l.N, offset, np.int32))
+                continue
+            ptrs.append((l.sparse_indptr[1:] + offset).astype(np.int32))
+            idx.append(l.sparse_indices)
+            vals.append(l.sparse_values.astype(lut.dtype))
+            offset += l.nnz
+        indptr = np.concatenate(ptrs)
+        indices = np.concatenate(idx) if idx else np.zeros(0, np.int32)
+        values = np.concatenate(vals) if vals else np.zeros(0, lut.dtype)
+    bias = None
+    if any(l.bias is not None for l in layers):
+        bias = np.concatenate([np.zeros(l.N, lut.dtype) if l.bias is None else l.bias.astype(lut.dtype)
+                               for l in layers])
+    return PackedLinear(qweight, lut, bits, K, indptr, indices, values, bias)
+
+
+def packed_of(module: SqueezeLinear) -> PackedLinear:
+    """The PackedLinear a SqueezeLinear holds (numpy views of its buffers)."""
+    get = lambda name: None if getattr(module, name) is None else getattr(module, name).numpy()  # noqa: E731
+    return PackedLinear(get("qweight"), get("lut"), module.bits, module.K, get("sparse_indptr"),
+                        get("sparse_indices"), get("sparse_values"), get("bias"))
 
 
 def swap_in(model: nn.Module, layers: dict, module_for=None) -> None:

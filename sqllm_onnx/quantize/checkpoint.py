@@ -22,7 +22,7 @@ from sqllm_onnx.export_folder import sha256_file
 from sqllm_onnx.op import PackedLinear
 
 FORMAT = "sqllm-onnx-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: 3-bit qweight in code layout 2 (reference.CODE_LAYOUT); version 1 is repacked on load
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 ARRAYS = ("qweight", "lut", "sparse_indptr", "sparse_indices", "sparse_values", "bias")
@@ -58,8 +58,10 @@ def layer_arrays(name: str, layer: PackedLinear) -> dict[str, np.ndarray]:
 
 
 def layer_from_arrays(name: str, arrays: dict[str, np.ndarray], bits: int, K: int, N: int | None = None,
-                      lut_dtype: str | None = None, where: str = "checkpoint") -> PackedLinear:
-    """Rebuild and validate one layer from its named arrays (clear CheckpointError when inconsistent)."""
+                      lut_dtype: str | None = None, where: str = "checkpoint", code_layout: int = reference.CODE_LAYOUT
+                      ) -> PackedLinear:
+    """Rebuild and validate one layer from its named arrays (clear CheckpointError when inconsistent);
+    ``code_layout`` 1 (checkpoints of format version 1) is repacked into the current layout."""
     def get(k):
         return arrays.get(f"{name}.{k}")
 
@@ -71,6 +73,8 @@ def layer_from_arrays(name: str, arrays: dict[str, np.ndarray], bits: int, K: in
             and qweight.shape != reference.qweight_shape(lut.shape[0], int(K), int(bits))):
         # a sqllm-onnx 0.1 checkpoint: row-major codes, repacked into the tiled layout
         qweight = reference.pack_codes(reference.unpack_legacy_rows(qweight, int(K), int(bits)), int(bits))
+    elif code_layout == 1 and qweight.shape == reference.qweight_shape(lut.shape[0], int(K), int(bits)):
+        qweight = reference.repack_layout1(qweight, int(K), int(bits), lut.shape[0])
     layer = PackedLinear(qweight=qweight, lut=lut, bits=int(bits), K=int(K), sparse_indptr=get("sparse_indptr"),
                          sparse_indices=get("sparse_indices"), sparse_values=get("sparse_values"), bias=get("bias"))
     validate_layer(name, layer, N=N, lut_dtype=lut_dtype, where=where)
@@ -183,9 +187,9 @@ def read_manifest(path: str | Path) -> dict:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{file} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in (1, FORMAT_VERSION):
         raise CheckpointError(f"{file} has format version {manifest.get('format_version')}, this sqllm-onnx "
-                              f"reads version {FORMAT_VERSION}")
+                              f"reads versions 1 and {FORMAT_VERSION}")
     if not isinstance(manifest.get("layers"), dict) or not manifest["layers"]:
         raise CheckpointError(f"{file} lists no layers")
     return manifest
@@ -216,7 +220,8 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> QuantizedMode
         if manifest.get("bits") is not None and bits != int(manifest["bits"]):
             raise CheckpointError(f"{path}: layer {name!r} says {bits} bits but the manifest's top level says "
                                   f"{manifest['bits']}: the manifest was edited or belongs to another checkpoint")
-        layers[name] = layer_from_arrays(name, arrays, bits, K, N, manifest.get("lut_dtype"), where=str(path))
+        layers[name] = layer_from_arrays(name, arrays, bits, K, N, manifest.get("lut_dtype"), where=str(path),
+                                         code_layout=1 if manifest["format_version"] == 1 else reference.CODE_LAYOUT)
     known = {f"{n}.{a}" for n in layers for a in ARRAYS}
     stray = sorted(set(arrays) - known)
     if stray:

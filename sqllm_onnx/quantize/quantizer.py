@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+from sqllm_onnx import reference
 from sqllm_onnx.quantize import calibration, checkpoint as ckpt, fisher as fisher_mod, lnq, sequential
 from sqllm_onnx.quantize.checkpoint import CheckpointError, QuantizedModel
 from sqllm_onnx.quantize.config import QuantConfig
@@ -149,7 +150,8 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
         layers[name], stats[name] = layer, st
         if partial is not None:
             ckpt.save_arrays_atomic(_layer_file(partial, name), ckpt.layer_arrays(name, layer),
-                                    {"stats": json.dumps(st), "bits": str(layer.bits), "K": str(layer.K)})
+                                    {"stats": json.dumps(st), "bits": str(layer.bits), "K": str(layer.K),
+                                     "code_layout": str(reference.CODE_LAYOUT)})
         F.pop(name, None)  # free the buffer as soon as its layer is done
         return layer
 
@@ -282,7 +284,9 @@ def _load_layer(file: Path, name: str, config: QuantConfig):
         bits, K = int(meta["bits"]), int(meta["K"])
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{file} lacks its metadata; delete it to quantize that layer again") from e
-    return ckpt.layer_from_arrays(name, arrays, bits, K, st.get("N"), config.lut_dtype, where=str(file)), st
+    # layer files of a run started before code layout 2 carry no code_layout: repacked on load
+    return ckpt.layer_from_arrays(name, arrays, bits, K, st.get("N"), config.lut_dtype, where=str(file),
+                                  code_layout=int(meta.get("code_layout", 1))), st
 
 
 def _mismatch(folder: Path, old, new) -> str:

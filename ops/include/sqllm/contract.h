@@ -18,6 +18,7 @@ extern const char* const kInputNames[kNumInputs];
 
 struct Attributes {
   int64_t K = 0, N = 0, bits = 0;
+  int64_t layout = 1;  // the qweight code layout (optional attribute; absent = 1, sqllm/layout.h)
 };
 
 // What the kernels need to know about one input, read from ORT before any data is touched.

@@ -2,30 +2,38 @@
 // of W lives. This one header is the layout for every kernel (CPU and CUDA); the numpy reference
 // (sqllm_onnx/reference.py, pack_codes / unpack_codes) implements the same formula.
 //
-// Why tiles: the CUDA decode kernel feeds W to mma.m16n8k16 as the 16-row A operand, looked up
-// code by code from per-row tables. In this layout every 16-row tile is one contiguous block that
-// a copy engine streams as it is, every lane of a warp reads its own 16 bytes (conflict free), and
-// the codes a lane needs for one mma step sit next to each other. The CPU kernel reads it as well
-// as a row-major stream (ops/cpu/lut_matmul.cc).
+// Why tiles: the CUDA decode kernel feeds W to mma.m16n8k32 as the 16-row A operand, each lane's
+// codes turned into table values by byte permutes (PRMT) whose selectors are the code words
+// themselves. In this layout every 16-row tile is one contiguous block that a copy engine streams
+// as it is, every lane of a warp reads its own 16 bytes (conflict free), and the codes of one A
+// register (4 codes of one row) are the nibbles of one half word. The CPU kernels read it too.
 //
 //   n = 16 * tile + 8 * h + g          (h = 0, 1;  g = 0 .. 7)
 //   k = 256 * unit + 64 * i + 32 * p + 8 * t + 4 * q + j
 //                                       (group i = 0 .. 3, p, q = 0, 1, t = 0 .. 3, j = 0 .. 3)
-//   lane = 4 * g + t,  step s = 2 * p + q
+//   lane = 4 * g + t,  step s = 2 * p + q,  nibble = 4 * q + j
 //
 // Rows are padded to a multiple of 16 and K to a multiple of 64 with code 0. A tile holds
 // ceil(K / 64) groups, four to a unit; the last unit of a tile holds the remaining ng = 1..3 groups
 // when the count is not a multiple of 4 (else ng = 4 for every unit). Per lane, a unit of ng groups
-// is ng * bits lane-local words holding the lane's 32 ng codes as an LSB-first bit stream:
-//     code (h, i, s, j) at stream bit ((h * ng + i) * 16 + 4 * s + j) * bits
-// (row g's codes first, then row g + 8's; a 3-bit code may straddle two words). Lane-local word w
-// of a unit is stored at word
+// is ng * bits lane-local words holding the lane's 32 ng codes; bit b of code (h, i, s, j) is at
+// lane-local stream bit (word * 32 + bit)
+//     bits 2, 4, 8:  ((h * ng + i) * 16 + 4 * s + j) * bits + b        (an LSB-first stream)
+//     bits 3 (code layout 2), in three planes of ng words, plane 0 = (h, p) = (0, 0),
+//                  plane 1 = (1, 0), plane 2 = (0, 1):
+//       (h, p) != (1, 1):  word plane * ng + i, bit 4 * nibble + b      (the nibble's low 3 bits)
+//       (h, p) == (1, 1):  word b * ng + i,     bit 4 * nibble + 3      (bit b in plane b's 4th bits)
+// Lane-local word w of a unit is stored at word
 //     full unit (4 groups):  (w / 4) * 128 + 4 * lane + w % 4     (lane L's 16-byte vectors)
 //     last, partial unit:    w * 32 + lane
 // from the unit's start, unit * 128 * bits words from the tile's start; a tile takes
 // 32 * ceil(K / 64) * bits words, and qweight is int32 [ceil(N / 16), 32 * ceil(K / 64) * bits].
-// So in a full unit, rows g and g + 8 of lanes 4g .. 4g + 3 are 2 * bits consecutive quads each
-// (4 bits: quads 2h, 2h + 1), which is what the CPU kernel reads as one row's 256 codes.
+// So in a full unit, 4 bits: rows g and g + 8 of lanes 4g .. 4g + 3 are quads 2h, 2h + 1; 3 bits:
+// quad v of lanes 4g .. 4g + 3 is plane v (the 3-bit planes are what the CPU kernel decodes).
+//
+// Code layout 1 (sqllm-onnx exports before the `layout` attribute) stored 3-bit codes as the same
+// LSB-first stream as the other widths; those exports are refused (contract.cc), and checkpoints of
+// that layout are repacked when loaded (reference.repack_layout1).
 #pragma once
 
 #include <cstdint>
@@ -63,31 +71,59 @@ SQLLM_HD int UnitGroups(int64_t unit, int64_t K) {
   return unit < FullUnits(K) ? kUnitGroups : PartialGroups(K);
 }
 
-// Where code (r, k) of a tile sits (r = n % 16): its lane, unit, and lane-local stream bit.
+// The code layout revision this library reads (the op's `layout` attribute, docs/op-spec.md).
+constexpr int kCodeLayout = 2;
+
+// Lane-local stream bit (word * 32 + bit) of bit b of code (h, i, s, j) in a unit of ng groups.
+SQLLM_HD int StreamBit(int h, int i, int s, int j, int b, int ng, int bits) {
+  if (bits == 3) {
+    const int p = s >> 1, nibble = 4 * (s & 1) + j;
+    if (h == 1 && p == 1) return 32 * (b * ng + i) + 4 * nibble + 3;
+    return 32 * ((p ? 2 : h) * ng + i) + 4 * nibble + b;
+  }
+  return ((h * ng + i) * 16 + 4 * s + j) * bits + b;
+}
+
+// Code (h, i, s, j) from a lane's unit words w[0 .. ng * bits).
+SQLLM_HD uint32_t LaneCode(const uint32_t* w, int h, int i, int s, int j, int ng, int bits) {
+  if (bits == 3 && h == 1 && s >= 2) {  // one bit in each plane
+    uint32_t c = 0;
+    for (int b = 0; b < 3; ++b) {
+      const int sb = StreamBit(h, i, s, j, b, ng, bits);
+      c |= ((w[sb >> 5] >> (sb & 31)) & 1u) << b;
+    }
+    return c;
+  }
+  const int sb = StreamBit(h, i, s, j, 0, ng, bits);  // otherwise the code's bits are adjacent in one word
+  return (w[sb >> 5] >> (sb & 31)) & ((1u << bits) - 1u);
+}
+
+// Where code (r, k) of a tile sits (r = n % 16): its lane, unit and (h, i, s, j).
 struct CodePos {
   int lane;
   int64_t unit;
-  int stream_bit;  // lane-local bit within the unit: word stream_bit / 32, bit stream_bit % 32
+  int h, i, s, j, ng;
 };
 
-SQLLM_HD CodePos Locate(int r, int64_t k, int64_t K, int bits) {
-  const int g = r & 7, h = r >> 3;
+SQLLM_HD CodePos Locate(int r, int64_t k, int64_t K) {
   const int kk = static_cast<int>(k & (kUnitCodes - 1));
   const int i = kk >> 6, p = (kk >> 5) & 1, t = (kk >> 3) & 3, q = (kk >> 2) & 1, j = kk & 3;
-  const int s = 2 * p + q;
   const int64_t unit = k >> 8;
-  const int ng = UnitGroups(unit, K);
-  return CodePos{4 * g + t, unit, ((h * ng + i) * 16 + 4 * s + j) * bits};
+  return CodePos{4 * (r & 7) + t, unit, r >> 3, i, 2 * p + q, j, UnitGroups(unit, K)};
 }
 
 // Code (r, k) of the tile starting at `tile` (words).
 SQLLM_HD uint32_t CodeAt(const uint32_t* tile, int r, int64_t k, int64_t K, int bits) {
   const int64_t full_units = FullUnits(K);
-  const CodePos c = Locate(r, k, K, bits);
-  const int u = c.stream_bit >> 5, bit = c.stream_bit & 31;
-  uint64_t v = tile[UnitWord(c.unit, u, c.lane, full_units, bits)];
-  if (bit + bits > 32) v |= static_cast<uint64_t>(tile[UnitWord(c.unit, u + 1, c.lane, full_units, bits)]) << 32;
-  return static_cast<uint32_t>(v >> bit) & ((1u << bits) - 1u);
+  const CodePos c = Locate(r, k, K);
+  const int spread = bits == 3 && c.h == 1 && c.s >= 2;  // bit b in plane b
+  uint32_t code = 0;
+  for (int b = 0; b < (spread ? 3 : 1); ++b) {
+    const int sb = StreamBit(c.h, c.i, c.s, c.j, b, c.ng, bits);
+    const uint32_t w = tile[UnitWord(c.unit, sb >> 5, c.lane, full_units, bits)];
+    code |= spread ? ((w >> (sb & 31)) & 1u) << b : (w >> (sb & 31)) & ((1u << bits) - 1u);
+  }
+  return code;
 }
 
 }  // namespace sqllm::layout
