@@ -191,22 +191,26 @@ def reference_from_graph(model_dir, export_dir):
     proto = onnx.load(str(export_dir / "model.onnx"))
     inits = {t.name: t for t in proto.graph.initializer}
     nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    fused = json.loads((export_dir / configs.MANIFEST).read_text())["graph"].get("fused_projections", {})
     with torch.no_grad():
         for node in nodes:
             attrs = {a.name: a.i for a in node.attribute}
             name = node.input[1][: -len(".B")]
             B, scales, zp = (numpy_helper.to_array(inits[i]) for i in node.input[1:4])
             W = dequantize(B, scales, zp, attrs["bits"], attrs["block_size"], attrs["K"])
-            model.get_submodule(name).weight.copy_(torch.from_numpy(W))
-    return model, nodes
+            parts = fused.get(name, [[name, W.shape[0]]])  # a fused q/k/v node holds the three's rows
+            starts = np.cumsum([0] + [n for _, n in parts])
+            for (part, _), a, b in zip(parts, starts[:-1], starts[1:]):
+                model.get_submodule(part).weight.copy_(torch.from_numpy(W[a:b]))
+    return model, nodes, sum(len(p) - 1 for p in fused.values())
 
 
 @pytest.mark.parametrize("arch", ["llama", "opt"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_exported_graph_matches_torch_with_dequantized_weights(exported, model_dirs, arch, bits):
     export_dir = exported[arch, bits]
-    model, nodes = reference_from_graph(model_dirs[arch], export_dir)
-    assert len(nodes) == len(target_layers(model))
+    model, nodes, merged = reference_from_graph(model_dirs[arch], export_dir)
+    assert len(nodes) == len(target_layers(model)) - merged
     ids = np.random.default_rng(bits).integers(3, model.config.vocab_size, size=24)
     decoder = Decoder(open_session(export_dir))  # prompt, then single tokens through the KV cache
     onnx_logits = np.concatenate([decoder.step(ids[:10]), decoder.step(ids[10:11]), decoder.step(ids[11:])])
@@ -236,9 +240,12 @@ def test_export_folder_and_manifest(exported, arch):
     assert manifest["op"] == {"domain": "com.microsoft", "op_type": "MatMulNBits", "opset": 1}
     q = manifest["quantization"]
     assert q["method"] == "finequant" and q["bits"] == 4 and q["block_size"] == "adaptive"
-    assert manifest["graph"]["matmul_nbits_nodes"] == len(nodes) == len(q["layers"])
+    fused = manifest["graph"].get("fused_projections", {})
+    assert manifest["graph"]["matmul_nbits_nodes"] == len(nodes) == len(q["layers"]) - sum(
+        len(p) - 1 for p in fused.values())
     for node in nodes:
-        stats = q["layers"][node.input[1][: -len(".B")]]
+        name = node.input[1][: -len(".B")]
+        stats = q["layers"][fused[name][0][0] if name in fused else name]  # fused: q/k/v share the block size
         attrs = {a.name: a.i for a in node.attribute}
         assert attrs["block_size"] == stats["block_size"] and attrs["bits"] == 4
         assert 0 < stats["rel_error"] < 0.2
@@ -298,6 +305,25 @@ def test_cli_export_fixed_block(model_dirs, capsys, tmp_path):
     from sqllm_onnx.bench.decode import describe
 
     assert describe(out) == "RTN int8 block 32 (MatMulNBits)"
+
+
+def test_fixed_block_lean_export_fuses_qkv(model_dirs, tmp_path):
+    """With one block size for every matrix, each layer's q/k/v are one MatMulNBits (and a Split) in
+    the lean graph; the logits equal those of the plain graph, which keeps them separate."""
+    config = FineQuantConfig(bits=4, block_size=32, scale_dtype="float32")
+    lean = export(tmp_path / "lean", config, str(model_dirs["llama"]), dtype="fp32", graph="lean", **QUIET)
+    plain = export(tmp_path / "plain", config, str(model_dirs["llama"]), dtype="fp32", graph="plain", **QUIET)
+    manifest = json.loads((lean / configs.MANIFEST).read_text())
+    layers = len(manifest["quantization"]["layers"])
+    fused = manifest["graph"]["fused_projections"]
+    assert len(fused) == 2 and manifest["graph"]["matmul_nbits_nodes"] == layers - 2 * 2
+    assert json.loads((plain / configs.MANIFEST).read_text())["graph"]["matmul_nbits_nodes"] == layers
+    ids = np.random.default_rng(5).integers(3, 200, size=12)
+    logits = []
+    for folder in (lean, plain):
+        decoder = Decoder(open_session(folder))
+        logits.append(np.concatenate([decoder.step(ids[:8]), decoder.step(ids[8:9]), decoder.step(ids[9:])]))
+    assert np.abs(logits[0] - logits[1]).max() <= 1e-4 * np.abs(logits[1]).max()
 
 
 # ---- mixture of experts ----------------------------------------------------------------------------------

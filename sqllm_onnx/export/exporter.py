@@ -111,7 +111,7 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
         log(note)
 
     # the lean graph computes q/k/v of each layer with one SqueezeMatMul (lean_graph.fused_projections)
-    fused = lean_graph.fused_projections(model) if style == "lean" and not nbits else {}
+    fused = lean_graph.fused_projections(model) if style == "lean" else {}
     try:
         staging.mkdir()
         log(f"exporting through Optimum ({TASK}, {style} graph) into {staging}")

@@ -14,7 +14,8 @@ produces:
     q_proj, k_proj, v_proj             one sqllm.SqueezeMatMul of the three SqueezeLinears' rows
                                        stacked (tables, codes and CSR are per output row, so the
                                        fused node computes exactly what the three would), and a
-                                       Split; other modules as they are (MatMul(+Add) for
+                                       Split; likewise one MatMulNBits for FineQuant layers of one
+                                       block size; other modules as they are (MatMul(+Add) for
                                        nn.Linear); Qwen3 then normalises each head of q and k
                                        (Reshape, SimplifiedLayerNormalization, Reshape); Phi-3's
                                        fused qkv_proj is one projection and a Split
@@ -344,13 +345,18 @@ FUSED_QKV = "sqllm_qkv"  # the fused q/k/v SqueezeLinear's attribute on the atte
 
 
 def qkv_fusable(attn) -> bool:
-    """Whether q/k/v of this attention module are SqueezeLinears that one SqueezeMatMul can compute."""
+    """Whether q/k/v of this attention module are quantized layers that one node can compute: three
+    SqueezeLinears of one K, width and LUT dtype, or three NBitsLinears (FineQuant) of one K, width,
+    block size, scale dtype and accuracy level."""
+    from sqllm_onnx.export.nbits_linear import NBitsLinear
     from sqllm_onnx.export.squeeze_linear import SqueezeLinear
 
     mods = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-    if not all(isinstance(m, SqueezeLinear) for m in mods):
-        return False
-    return len({(m.K, m.bits, m.lut.dtype) for m in mods}) == 1
+    if all(isinstance(m, SqueezeLinear) for m in mods):
+        return len({(m.K, m.bits, m.lut.dtype) for m in mods}) == 1
+    if all(isinstance(m, NBitsLinear) for m in mods):
+        return len({(m.K, m.bits, m.block_size, m.scales.dtype, m.accuracy_level) for m in mods}) == 1
+    return False
 
 
 def fused_projections(model) -> dict[str, list[tuple[str, int]]]:
@@ -483,16 +489,22 @@ def patched(model, dtype=None):
 
 
 def _fuse_qkv(base) -> list:
-    """Gives every attention module whose q/k/v qualify (qkv_fusable) one SqueezeLinear of their
-    stacked rows (the three stay, untraced, so that leaving patched() restores the model)."""
-    from sqllm_onnx.export.squeeze_linear import SqueezeLinear, concat_rows, packed_of
+    """Gives every attention module whose q/k/v qualify (qkv_fusable) one module of their stacked
+    rows (the three stay, untraced, so that leaving patched() restores the model)."""
+    from sqllm_onnx.export import nbits_linear, squeeze_linear
 
     fused = []
     for layer in base.layers:
         attn = layer.self_attn
         if qkv_fusable(attn):
-            setattr(attn, FUSED_QKV, SqueezeLinear(concat_rows(
-                [packed_of(getattr(attn, name)) for name in ("q_proj", "k_proj", "v_proj")])))
+            mods = [getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj")]
+            if isinstance(mods[0], squeeze_linear.SqueezeLinear):
+                module = squeeze_linear.SqueezeLinear(squeeze_linear.concat_rows([squeeze_linear.packed_of(m)
+                                                                                  for m in mods]))
+            else:
+                module = nbits_linear.NBitsLinear(nbits_linear.concat_rows([nbits_linear.layer_of(m) for m in mods]),
+                                                  mods[0].accuracy_level)
+            setattr(attn, FUSED_QKV, module)
             fused.append(attn)
     return fused
 

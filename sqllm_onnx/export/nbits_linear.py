@@ -73,6 +73,26 @@ class NBitsLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+def concat_rows(layers: list[NBitsLayer]) -> NBitsLayer:
+    """One layer computing the given layers' outputs side by side (rows stacked along N): B, scales and
+    zero points are per output row. All layers need the same K, bits, block size and scale dtype."""
+    first = layers[0]
+    if any((l.K, l.bits, l.block_size, l.scales.dtype) != (first.K, first.bits, first.block_size, first.scales.dtype)
+           for l in layers):
+        raise ValueError("concat_rows: the layers differ in K, bits, block size or scale dtype")
+    bias = None
+    if any(l.bias is not None for l in layers):
+        bias = np.concatenate([np.zeros(l.N, first.scales.dtype) if l.bias is None else l.bias for l in layers])
+    return NBitsLayer(np.concatenate([l.B for l in layers]), np.concatenate([l.scales for l in layers]),
+                      np.concatenate([l.zero_points for l in layers]), first.bits, first.block_size, first.K, bias)
+
+
+def layer_of(module: NBitsLinear) -> NBitsLayer:
+    """The NBitsLayer an NBitsLinear holds (numpy views of its buffers)."""
+    return NBitsLayer(module.B.numpy(), module.scales.numpy(), module.zero_points.numpy(), module.bits,
+                      module.block_size, module.K, None if module.bias is None else module.bias.numpy())
+
+
 def swap_in(model: nn.Module, layers: dict[str, NBitsLayer], accuracy_level: int = 0) -> None:
     """Replace each named nn.Linear of `model` by an NBitsLinear, freeing its weight."""
     from sqllm_onnx.export import squeeze_linear
@@ -113,4 +133,5 @@ def make_model(layer: NBitsLayer, dtype=np.float32, accuracy_level: int = 0):
     return model
 
 
-__all__ = ["NBitsLinear", "swap_in", "count_nodes", "make_model", "OP_INFO", "DOMAIN", "OP_TYPE"]
+__all__ = ["NBitsLinear", "concat_rows", "layer_of", "swap_in", "count_nodes", "make_model", "OP_INFO", "DOMAIN",
+           "OP_TYPE"]
