@@ -156,6 +156,22 @@ def check_model_source(name_or_path: str | None, tokenizer: str | None = None) -
     return offline
 
 
+def gguf_tokenizer(path: Path, name: str):
+    """The tokenizer inside a GGUF file: transformers' conversion, or for Gemma's SentencePiece BPE
+    (which transformers 4.57 converts to a Unigram model that segments words wrongly) our rebuild."""
+    from transformers import AutoTokenizer
+
+    from sqllm_onnx import gguf_tokenizer as rebuild
+
+    try:
+        if rebuild.needs_rebuild(path):
+            return rebuild.bpe_tokenizer(path)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # no or an unknown tokenizer inside
+        raise UserError(f"{name}: cannot build a tokenizer from this GGUF file ({type(e).__name__}); "
+                        "pass --tokenizer with a folder or hub id that has one") from None
+
+
 def is_gguf(name: str) -> bool:
     return name.lower().endswith(".gguf")
 
@@ -190,13 +206,7 @@ def load_model(name_or_path: str | None = None, dtype=None, tokenizer: str | Non
     if name == EMBEDDED or is_gguf(name):
         folder, gguf = (embedded_model_dir(), _EMBEDDED_GGUF) if name == EMBEDDED else (Path(name).parent, Path(name).name)
         # transformers dequantizes the GGUF tensors into a float model (and builds the tokenizer from it)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer or folder, **({} if tokenizer else {"gguf_file": gguf}))
-        except Exception as e:  # transformers' GGUF tokenizer converter: no or an unknown tokenizer inside
-            if tokenizer:
-                raise
-            raise UserError(f"{name}: transformers cannot build a tokenizer from this GGUF file ({type(e).__name__}); "
-                            "pass --tokenizer with a folder or hub id that has one") from None
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else gguf_tokenizer(folder / gguf, name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype,
                                                      **attention_kwargs(AutoConfig.from_pretrained(folder, gguf_file=gguf)))
         if name == EMBEDDED:

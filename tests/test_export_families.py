@@ -354,3 +354,48 @@ def test_gemma_lean_windows_softcap_and_local_rotary_match_torch(family, tmp_pat
     model = AutoModelForCausalLM.from_config(config, **models.attention_kwargs(config)).eval()
     models.fill_random(model, seed=3, std=0.2)  # larger weights: scores beyond the softcap
     assert_lean_export_matches_torch(model, tmp_path, capsys)
+
+
+def write_gemma_tokenizer_gguf(path):
+    """A GGUF file of architecture gemma3 holding only a SentencePiece BPE tokenizer (scores = minus
+    the merge rank): 4 control tokens, byte fallback pieces, and the pieces of "stat" and "tat"."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    control = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    # "▁stat" merges last (score -50): BPE still reaches it from "▁st" + "at", while a Unigram model
+    # over these scores would prefer the two short pieces (-2 - 5 > -50): the bug this rebuild fixes
+    normal = {"▁": -100.0, "s": -101.0, "t": -102.0, "a": -103.0, "▁s": -1.0, "▁st": -2.0, "at": -5.0,
+              "▁stat": -50.0}
+    tokens = control + byte_pieces + list(normal)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(control) + [0.0] * 256 + list(normal.values()))
+    writer.add_token_types([3] * len(control) + [6] * 256 + [1] * len(normal))
+    writer.add_pad_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_bos_token_id(2)
+    writer.add_unk_token_id(3)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+
+def test_gemma_gguf_tokenizer_is_bpe(tmp_path):
+    """Gemma's GGUF tokenizer is SentencePiece BPE, which transformers' converter turns into a Unigram
+    model: models.gguf_tokenizer rebuilds it as BPE (merges ranked by score), so words segment as in
+    the original ("stat" is one piece, not "▁st" "at")."""
+    from sqllm_onnx import gguf_tokenizer
+
+    path = tmp_path / "gemma3-tokenizer.gguf"
+    write_gemma_tokenizer_gguf(path)
+    assert gguf_tokenizer.needs_rebuild(path)
+    tok = models.gguf_tokenizer(path, str(path))
+    ids = tok("a stat")["input_ids"]
+    assert tok.convert_ids_to_tokens(ids) == ["<bos>", "a", "▁stat"]  # Gemma: no dummy prefix
+    assert tok.decode(ids, skip_special_tokens=True) == "a stat"
+    assert tok.convert_ids_to_tokens(tok("z")["input_ids"]) == ["<bos>", "<0x7A>"]  # byte fallback
+    llama = tmp_path / "llama.gguf"
+    write_tiny_llama_gguf(llama)
+    assert not gguf_tokenizer.needs_rebuild(llama)
