@@ -44,7 +44,7 @@ def cpu_int8_available() -> bool:
 
 def int8_applies(M: int, bits: int, choice: str) -> bool:
     """Whether a CPU session created under SQLLM_CPU_KERNEL=choice runs the int8 path for M, bits."""
-    return cpu_int8_available() and bits in (3, 4) and (choice == "int8" or (choice == "auto" and M <= 8))
+    return cpu_int8_available() and bits in (3, 4) and choice in ("int8", "auto")
 
 
 def pytest_collection_modifyitems(config, items):

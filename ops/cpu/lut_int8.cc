@@ -1,4 +1,5 @@
-// The int8 path of the CPU LUT matmul: bits 3 and 4, M <= 8, x86-64 with AVX-512 VBMI + VNNI.
+// The int8 path of the CPU LUT matmul: bits 3 and 4, any M (8 rows of A at a time), x86-64 with
+// AVX-512 VBMI + VNNI.
 //
 // Why: the exact path spends a gather per code; here a code costs a fraction of one instruction.
 // Per row of W, the LUT is quantized to unsigned 8 bits (lut ~= lo + sw * q, q in [0, 255]: once
@@ -466,7 +467,9 @@ bool HasInt8Kernel() {
 
 bool Int8Applies(const Problem& p, KernelChoice choice) {
   if (choice == KernelChoice::kExact || !HasInt8Kernel() || (p.bits != 3 && p.bits != 4)) return false;
-  return p.M <= 8 || choice == KernelChoice::kInt8;  // kInt8: every M (to measure the path's accuracy)
+  // Every M, 8 rows of A at a time: at M = 128 (4096x4096, 2 Zen 4 cores) 23 ms against the exact
+  // path's 61 ms, which decodes each tile once but multiplies in fp32 (2026-12-04).
+  return true;
 }
 
 void QuantizeAllLuts(const void* lut, bool half, int bits, int64_t N, Int8Luts* out) {
@@ -547,7 +550,7 @@ bool Int8Tile(const Problem& p, const Args& args, const Int8Plan& plan, int64_t 
   const int ng = layout::PartialGroups(p.K);
   float sums[16][8];
   const auto* q = reinterpret_cast<const uint8_t*>(args.qweight + tile * p.words);
-  for (int64_t m0 = 0; m0 < p.M; m0 += 8) {  // 8 rows of A at a time (M > 8 only under SQLLM_CPU_KERNEL=int8)
+  for (int64_t m0 = 0; m0 < p.M; m0 += 8) {  // 8 rows of A at a time
     const int mc = static_cast<int>(std::min<int64_t>(8, p.M - m0));
     if (p.bits == 3)
       TileSumsM<3>(mc, q, static_cast<int>(rows), qlut, plan, ng, static_cast<int>(m0), sums);

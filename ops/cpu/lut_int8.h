@@ -1,4 +1,4 @@
-// The int8 path of the CPU LUT matmul (lut_int8.cc): bits 3 and 4, M <= 8, AVX-512 VBMI + VNNI.
+// The int8 path of the CPU LUT matmul (lut_int8.cc): bits 3 and 4, any M, AVX-512 VBMI + VNNI.
 #pragma once
 
 #include <cstdint>

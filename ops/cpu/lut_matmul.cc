@@ -1,5 +1,5 @@
 // CPU LUT matmul on the tiled qweight layout (sqllm/layout.h). Two paths, chosen per call:
-//  - int8 (lut_int8.cc): bits 3 and 4, M <= 8, CPUs with AVX-512 VBMI and VNNI. Codes become
+//  - int8 (lut_int8.cc): bits 3 and 4, any M, CPUs with AVX-512 VBMI and VNNI. Codes become
 //    unsigned 8-bit LUT values with a few byte shuffles per 64 codes and meet A quantized to int8
 //    per 256 k in VNNI dot products; its accuracy contract is in docs/op-spec.md.
 //  - exact: everything else (and SQLLM_CPU_KERNEL=exact). Per 16-row tile and unit of 256 codes,
