@@ -57,7 +57,7 @@ std::string KernelBase::Init(const OrtKernelInfo* info) {
       return std::string("SqueezeMatMul: attribute '") + name + "' (int) is required";
     }
   }
-  attrs_.layout = 1;  // optional: exports before code layout 2 do not carry it
+  // optional: exports before code layout 2 do not carry it
   if (OrtStatus* s = Api().KernelInfoGetAttribute_int64(info, "layout", &attrs_.layout)) Consume(s), attrs_.layout = 1;
   if (auto err = CheckAttributes(attrs_); !err.empty()) return err;
   if (auto err = ValidateConstantCsr(info); !err.empty()) return err;

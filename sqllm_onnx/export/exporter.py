@@ -110,7 +110,7 @@ def export(out_dir: str | Path, quant_config=None, model_name_or_path: str | Non
     if note:
         log(note)
 
-    # the lean graph computes q/k/v of each layer with one SqueezeMatMul (lean_graph.fused_projections)
+    # the lean graph computes q/k/v of a layer with one quantized node (lean_graph.fused_projections)
     fused = lean_graph.fused_projections(model) if style == "lean" else {}
     try:
         staging.mkdir()

@@ -341,7 +341,7 @@ def _head_norm(x, norm, head_dim: int, config):
     return _norm(x.reshape(shape[0], shape[1], -1, head_dim), norm, config).reshape(shape)
 
 
-FUSED_QKV = "sqllm_qkv"  # the fused q/k/v SqueezeLinear's attribute on the attention module (while patched)
+FUSED_QKV = "sqllm_qkv"  # the fused q/k/v module's attribute on the attention module (while patched)
 
 
 def qkv_fusable(attn) -> bool:
@@ -385,7 +385,7 @@ def _lean_layer_forward(layer, pending, residual, cache, seqlens_k, total_len, t
     q_size, kv_size = config.num_attention_heads * attn.head_dim, kv_heads * attn.head_dim
     if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, split once (a Split node)
         q, k, v = attn.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
-    elif hasattr(attn, FUSED_QKV):  # q/k/v SqueezeLinears, fused by patched()
+    elif hasattr(attn, FUSED_QKV):  # quantized q/k/v, fused by patched()
         q, k, v = getattr(attn, FUSED_QKV)(x).split([q_size, kv_size, kv_size], dim=-1)
     else:
         q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
@@ -494,7 +494,7 @@ def _fuse_qkv(base) -> list:
     from sqllm_onnx.export import nbits_linear, squeeze_linear
 
     fused = []
-    for layer in base.layers:
+    for layer in base.layers[: base.config.num_hidden_layers]:  # the layers _lean_model_forward runs
         attn = layer.self_attn
         if qkv_fusable(attn):
             mods = [getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj")]

@@ -84,18 +84,24 @@ SQLLM_HD int StreamBit(int h, int i, int s, int j, int b, int ng, int bits) {
   return ((h * ng + i) * 16 + 4 * s + j) * bits + b;
 }
 
-// Code (h, i, s, j) from a lane's unit words w[0 .. ng * bits).
-SQLLM_HD uint32_t LaneCode(const uint32_t* w, int h, int i, int s, int j, int ng, int bits) {
+// Code (h, i, s, j) of a unit of ng groups, its lane-local words read through word(u).
+template <typename Word>
+SQLLM_HD uint32_t CodeFromWords(Word word, int h, int i, int s, int j, int ng, int bits) {
   if (bits == 3 && h == 1 && s >= 2) {  // one bit in each plane
     uint32_t c = 0;
     for (int b = 0; b < 3; ++b) {
       const int sb = StreamBit(h, i, s, j, b, ng, bits);
-      c |= ((w[sb >> 5] >> (sb & 31)) & 1u) << b;
+      c |= ((word(sb >> 5) >> (sb & 31)) & 1u) << b;
     }
     return c;
   }
   const int sb = StreamBit(h, i, s, j, 0, ng, bits);  // otherwise the code's bits are adjacent in one word
-  return (w[sb >> 5] >> (sb & 31)) & ((1u << bits) - 1u);
+  return (word(sb >> 5) >> (sb & 31)) & ((1u << bits) - 1u);
+}
+
+// Code (h, i, s, j) from a lane's unit words w[0 .. ng * bits).
+SQLLM_HD uint32_t LaneCode(const uint32_t* w, int h, int i, int s, int j, int ng, int bits) {
+  return CodeFromWords([w](int u) { return w[u]; }, h, i, s, j, ng, bits);
 }
 
 // Where code (r, k) of a tile sits (r = n % 16): its lane, unit and (h, i, s, j).
@@ -116,14 +122,8 @@ SQLLM_HD CodePos Locate(int r, int64_t k, int64_t K) {
 SQLLM_HD uint32_t CodeAt(const uint32_t* tile, int r, int64_t k, int64_t K, int bits) {
   const int64_t full_units = FullUnits(K);
   const CodePos c = Locate(r, k, K);
-  const int spread = bits == 3 && c.h == 1 && c.s >= 2;  // bit b in plane b
-  uint32_t code = 0;
-  for (int b = 0; b < (spread ? 3 : 1); ++b) {
-    const int sb = StreamBit(c.h, c.i, c.s, c.j, b, c.ng, bits);
-    const uint32_t w = tile[UnitWord(c.unit, sb >> 5, c.lane, full_units, bits)];
-    code |= spread ? ((w >> (sb & 31)) & 1u) << b : (w >> (sb & 31)) & ((1u << bits) - 1u);
-  }
-  return code;
+  const auto word = [&](int u) { return tile[UnitWord(c.unit, u, c.lane, full_units, bits)]; };
+  return CodeFromWords(word, c.h, c.i, c.s, c.j, c.ng, bits);
 }
 
 }  // namespace sqllm::layout
