@@ -2,7 +2,9 @@
 # One GPU call of kernel work on the tensor-core decode kernel (benchmarks/decode_driver.cu): build
 # the driver for each variant in VARIANTS (name=nvcc -D flags), check the first against the float64
 # reference, time them (MODE=quick: six key rows; bench: every model shape), and profile the first
-# with Nsight Compute. Needs only the CUDA toolkit (no onnxruntime-gpu).
+# with Nsight Compute. Needs only the CUDA toolkit (no onnxruntime-gpu). SRC_<name>=FILE builds
+# variant <name> from another kernel source (e.g. the committed one, to compare in one call).
+# CHECK="a b": check only these variants (timing-only variants of one source need no check).
 # Outputs (logs, JSON) under ${OUT:-/tmp/decode_driver}; binaries under /tmp/decode_driver_bin.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +21,9 @@ for v in $VARIANTS; do names+=("${v%%=*}"); done
 if has build; then
   for v in $VARIANTS; do
     name=${v%%=*}; flags=${v#*=}; flags=${flags//,/ }
-    nvcc -std=c++17 -O3 --expt-relaxed-constexpr $ARCH -lineinfo $flags -Iops/include -Iops \
-      benchmarks/decode_driver.cu ops/cuda/decode_tc.cu ops/cuda/device_info.cc -lcublas -o "$BIN/$name" \
+    src_var="SRC_$name"; src=${!src_var:-ops/cuda/decode_tc.cu}  # SRC_<name>=file: another kernel source
+    nvcc -std=c++17 -O3 --expt-relaxed-constexpr $ARCH -lineinfo $flags -Iops/include -Iops -Iops/cuda \
+      benchmarks/decode_driver.cu "$src" ops/cuda/device_info.cc -lcublas -o "$BIN/$name" \
       > "$BIN/build_$name.log" 2>&1 &
   done
   wait
@@ -28,8 +31,8 @@ if has build; then
   echo "built: ${names[*]}"
 fi
 first=${names[0]}
-if has check; then  # every variant against the float64 reference
-  for n in "${names[@]}"; do
+if has check; then  # every variant (or those in CHECK) against the float64 reference
+  for n in ${CHECK:-${names[@]}}; do
     "$BIN/$n" check > "$OUT/check_$n.log" 2>&1; rc=$?
     echo "check $n: $(grep -E "checks failed" "$OUT/check_$n.log" | tail -1)"
     grep -E "FAIL" "$OUT/check_$n.log" | head -10
