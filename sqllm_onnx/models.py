@@ -199,12 +199,11 @@ def load_model(name_or_path: str | None = None, dtype=None, tokenizer: str | Non
     dtype = dtype or torch.float32
     name = resolve(name_or_path)
     if name.startswith(RANDOM_PREFIX):
-        arch, _, preset = name[len(RANDOM_PREFIX):].partition("-")
-        model, tokenizer = random_model(arch, preset or "tiny", dtype=dtype)
+        model, tokenizer = random_model(*_random_spec(name), dtype=dtype)
         _as_linears(model)
         return model, tokenizer
     if name == EMBEDDED or is_gguf(name):
-        folder, gguf = (embedded_model_dir(), _EMBEDDED_GGUF) if name == EMBEDDED else (Path(name).parent, Path(name).name)
+        folder, gguf = _gguf_location(name)
         # transformers dequantizes the GGUF tensors into a float model (and builds the tokenizer from it)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else gguf_tokenizer(folder / gguf, name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=dtype,
@@ -230,6 +229,31 @@ def load_model(name_or_path: str | None = None, dtype=None, tokenizer: str | Non
     return model, tokenizer
 
 
+def load_config(name_or_path: str | None = None):
+    """The transformers config of the model `load_model` would load, without loading its weights."""
+    local_only = check_model_source(name_or_path)
+    from transformers import AutoConfig
+
+    name = resolve(name_or_path)
+    if name.startswith(RANDOM_PREFIX):
+        return random_config(*_random_spec(name))
+    if name == EMBEDDED or is_gguf(name):
+        folder, gguf = _gguf_location(name)
+        return AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    return AutoConfig.from_pretrained(name, local_files_only=local_only)
+
+
+def _random_spec(name: str) -> tuple[str, str]:
+    """("llama", "7b") of "random:llama-7b"; the preset defaults to "tiny"."""
+    arch, _, preset = name[len(RANDOM_PREFIX):].partition("-")
+    return arch, preset or "tiny"
+
+
+def _gguf_location(name: str) -> tuple[Path, str]:
+    """(folder, file name) of the embedded model's GGUF file or of a .gguf path."""
+    return (embedded_model_dir(), _EMBEDDED_GGUF) if name == EMBEDDED else (Path(name).parent, Path(name).name)
+
+
 def attention_kwargs(config) -> dict:
     """Eager attention for models with attention-logit softcapping (Gemma 2): transformers' default SDPA
     path skips the softcap these models were trained with, and the exported graphs apply it."""
@@ -249,19 +273,24 @@ def _as_linears(model) -> None:
 
 # ---- random models (tests, and speed/memory benchmarks that need nothing downloaded) --------------
 
+RANDOM_PRESETS = {
+    "tiny": dict(hidden=64, inter=176, layers=2, heads=4, kv_heads=2, vocab=512),
+    "7b": dict(hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
+    "13b": dict(hidden=5120, inter=13824, layers=40, heads=40, kv_heads=40, vocab=32000),
+    "30b": dict(hidden=6656, inter=17920, layers=60, heads=52, kv_heads=52, vocab=32000),
+}
+
+
 def random_config(arch: str, preset: str = "tiny"):
     """A transformers config for any family of `families.FAMILIES`: "tiny" for tests (hidden 64, 2 layers,
-    GQA where the family has it, an intermediate size that is not a multiple of 32), or "7b" (Llama-7B
-    shapes)."""
+    GQA where the family has it, an intermediate size that is not a multiple of 32), or "7b", "13b",
+    "30b" (the shapes of LLaMA-7B, -13B and -33B)."""
     from transformers import AutoConfig
 
     families.check(arch)
-    if preset == "tiny":
-        sizes = dict(hidden=64, inter=176, layers=2, heads=4, kv_heads=2, vocab=512)
-    elif preset == "7b":
-        sizes = dict(hidden=4096, inter=11008, layers=32, heads=32, kv_heads=32, vocab=32000)
-    else:
-        raise ValueError(f"unknown preset {preset!r} (tiny or 7b)")
+    if preset not in RANDOM_PRESETS:
+        raise ValueError(f"unknown preset {preset!r} ({', '.join(RANDOM_PRESETS)})")
+    sizes = RANDOM_PRESETS[preset]
     if arch == "opt":
         return AutoConfig.for_model(
             "opt", hidden_size=sizes["hidden"], ffn_dim=sizes["inter"], num_hidden_layers=sizes["layers"],
