@@ -37,6 +37,90 @@ def min_tokens(total_tokens: int) -> int:
 SAVE_EVERY_S = float(os.environ.get("SQLLM_FISHER_SAVE_S", "120"))  # progress saves of an interruptible pass
 
 
+class Accumulator:
+    """While entered: the squares of the gradients of the weights of `modules` {name: nn.Linear} added
+    into one fp32 buffer per weight as each gradient is ready (a post-accumulate-grad hook that then
+    drops the gradient), and the tokens each module's forward receives counted. Inside, only those
+    weights require grad and the model is in eval mode (no dropout: the gradient of the
+    deterministic loss); `requires_grad` flags and the mode are restored on exit.
+
+    `scale`: the loss scale the backward passes use (the squares are of the unscaled gradients).
+    """
+
+    def __init__(self, model, modules: dict, device, scale: float = 1.0):
+        import torch
+
+        self.model, self.modules, self.scale = model, modules, scale
+        self.fisher = {name: torch.zeros(m.weight.shape, dtype=torch.float32, device=device)
+                       for name, m in modules.items()}
+        self.tokens = dict.fromkeys(modules, 0)  # tokens each layer's forward received
+        self._hooks = []
+
+    def __enter__(self):
+        model = self.model
+        self._params = list(model.parameters())
+        self._flags = [p.requires_grad for p in self._params]
+        self._was_training = model.training
+        model.eval()
+        for p in self._params:
+            p.requires_grad_(False)
+        for name, m in self.modules.items():
+            w = m.weight
+            w.requires_grad_(True)
+
+            def accumulate(p, buf=self.fisher[name]):
+                g = p.grad.float()
+                if self.scale != 1.0:
+                    g = g / self.scale
+                buf.addcmul_(g, g)
+                p.grad = None
+
+            self._hooks.append(w.register_post_accumulate_grad_hook(accumulate))
+
+            def count(module, args, name=name):
+                self.tokens[name] += args[0].numel() // args[0].shape[-1] if args[0].numel() else 0
+
+            self._hooks.append(m.register_forward_pre_hook(count))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for p, f in zip(self._params, self._flags):
+            p.grad = None
+            p.requires_grad_(f)
+        self.model.train(self._was_training)
+
+    def result(self, total_tokens: int) -> dict:
+        """The buffers, checked finite, with those of layers that saw fewer than `min_tokens(total_tokens)`
+        tokens set to zero (an expert that too few tokens reached: no sensitivity signal, module docstring)."""
+        import torch
+
+        for name, buf in self.fisher.items():
+            if not torch.isfinite(buf).all():
+                raise RuntimeError(f"the Fisher of {name} is not finite (gradient overflow?); use a float32 or "
+                                   "bfloat16 model for calibration")
+        floor = min_tokens(total_tokens)
+        for name, seen in self.tokens.items():
+            if seen < floor:
+                self.fisher[name].zero_()
+        return self.fisher
+
+
+def loss_scale(model) -> float:
+    import torch
+
+    return FP16_LOSS_SCALE if next(model.parameters()).dtype == torch.float16 else 1.0
+
+
+def check_windows(windows) -> np.ndarray:
+    windows = np.asarray(windows, dtype=np.int64)
+    if windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"calibration windows must be [samples, seq_len >= 2], got {windows.shape}")
+    return windows
+
+
 def compute_fisher(model, windows: np.ndarray, layer_names: list[str], device: str | None = None,
                    progress: bool = True, progress_file: str | Path | None = None, meta: dict | None = None) -> dict:
     """Fisher buffers {layer name: fp32 tensor [N, K] on the CPU} over the token windows [S, L].
@@ -50,81 +134,46 @@ def compute_fisher(model, windows: np.ndarray, layer_names: list[str], device: s
     import torch
     from tqdm.auto import tqdm
 
-    windows = np.asarray(windows, dtype=np.int64)
-    if windows.ndim != 2 or windows.shape[1] < 2:
-        raise ValueError(f"calibration windows must be [samples, seq_len >= 2], got {windows.shape}")
-    params = list(model.parameters())
-    home = params[0].device
+    windows = check_windows(windows)
+    home = next(model.parameters()).device
     device = torch.device(device) if device else home
-    flags = [p.requires_grad for p in params]
-    was_training = model.training
     modules = {name: model.get_submodule(name) for name in layer_names}
-    fisher = {name: torch.zeros(m.weight.shape, dtype=torch.float32, device=device) for name, m in modules.items()}
-    tokens = dict.fromkeys(layer_names, 0)  # tokens each layer's forward received
+    acc = Accumulator(model, modules, device, loss_scale(model))
+    fisher, tokens, scale = acc.fisher, acc.tokens, acc.scale
     done = 0
     if progress_file is not None and Path(progress_file).is_file():
         saved, done, saved_tokens = load_progress(progress_file, meta, layer_names)
         for name, buf in saved.items():
             fisher[name].copy_(buf)
         tokens.update(saved_tokens)
-    scale = FP16_LOSS_SCALE if params[0].dtype == torch.float16 else 1.0
-    hooks = []
     try:
         model.to(device)
-        model.eval()  # no dropout: the gradient of the deterministic loss
-        for p in params:
-            p.requires_grad_(False)
-        for name, m in modules.items():
-            w = m.weight
-            w.requires_grad_(True)
-
-            def accumulate(p, buf=fisher[name]):
-                g = p.grad.float()
-                if scale != 1.0:
-                    g = g / scale
-                buf.addcmul_(g, g)
-                p.grad = None
-
-            hooks.append(w.register_post_accumulate_grad_hook(accumulate))
-
-            def count(module, args, name=name):
-                tokens[name] += args[0].numel() // args[0].shape[-1] if args[0].numel() else 0
-
-            hooks.append(m.register_forward_pre_hook(count))
-        skipped = 0
-        last_save = time.monotonic()
-        bar = tqdm(total=len(windows), initial=done, desc="calibration (Fisher)", unit="sample", disable=not progress)
-        for i in range(done, len(windows)):
-            ids = torch.as_tensor(windows[i][None], device=device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            if not torch.isfinite(loss):
-                skipped += 1
-            else:
-                (loss * scale).backward()
-            bar.update(1)
-            if progress_file is not None and i + 1 < len(windows) and time.monotonic() - last_save > SAVE_EVERY_S:
-                save_progress(fisher, i + 1, progress_file, meta, tokens)
-                last_save = time.monotonic()
-        bar.close()
-        if skipped == len(windows) - done and done == 0:
-            raise RuntimeError("every calibration sample gave a non-finite loss; check the model and its dtype")
+        with acc:
+            skipped = 0
+            last_save = time.monotonic()
+            bar = tqdm(total=len(windows), initial=done, desc="calibration (Fisher)", unit="sample",
+                       disable=not progress)
+            for i in range(done, len(windows)):
+                ids = torch.as_tensor(windows[i][None], device=device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    skipped += 1
+                else:
+                    (loss * scale).backward()
+                bar.update(1)
+                if progress_file is not None and i + 1 < len(windows) and time.monotonic() - last_save > SAVE_EVERY_S:
+                    save_progress(fisher, i + 1, progress_file, meta, tokens)
+                    last_save = time.monotonic()
+            bar.close()
+            check_skipped(skipped, len(windows) - done, done)
     finally:
-        for h in hooks:
-            h.remove()
-        for p, f in zip(params, flags):
-            p.grad = None
-            p.requires_grad_(f)
         model.to(home)
-        model.train(was_training)
-    for name, buf in fisher.items():
-        if not torch.isfinite(buf).all():
-            raise RuntimeError(f"the Fisher of {name} is not finite (gradient overflow?); use a float32 or "
-                               "bfloat16 model for calibration")
-    floor = min_tokens(windows.size)
-    for name, seen in tokens.items():
-        if seen < floor:  # an expert that too few tokens reached: no sensitivity signal (module docstring)
-            fisher[name].zero_()
-    return {name: buf.cpu() for name, buf in fisher.items()}
+    return {name: buf.cpu() for name, buf in acc.result(windows.size).items()}
+
+
+def check_skipped(skipped: int, ran: int, resumed: int = 0) -> None:
+    if skipped == ran and resumed == 0:
+        raise RuntimeError("every calibration sample gave a non-finite loss; check the model and its dtype")
 
 
 def save_progress(fisher: dict, samples_done: int, path: str | Path, meta: dict | None, tokens: dict) -> None:

@@ -29,16 +29,28 @@ from sqllm_onnx.quantize.targets import linear_layer_names
 PARTIAL = "partial"
 
 
-def model_fingerprint(model, names: list[str]) -> dict:
-    """Identity of the model for resume checks: architecture, quantized shapes, and a weight checksum."""
+def weight_summaries(modules: dict) -> dict[str, str]:
+    """{name: shape and checksums of its weight} of the modules {name: nn.Linear}: the parts of the
+    model fingerprint (a process that holds some of the layers summarises those)."""
     import torch
 
-    h = hashlib.sha256()
+    out = {}
     with torch.no_grad():
-        for name in names:
-            w = model.get_submodule(name).weight.detach()
+        for name, m in modules.items():
+            w = m.weight.detach()
             wd = w.double()
-            h.update(f"{name}:{list(w.shape)}:{float(wd.sum())!r}:{float((wd * wd).sum())!r};".encode())
+            out[name] = f"{name}:{list(w.shape)}:{float(wd.sum())!r}:{float((wd * wd).sum())!r};"
+    return out
+
+
+def model_fingerprint(model, names: list[str], summaries: dict[str, str] | None = None) -> dict:
+    """Identity of the model for resume checks: architecture, quantized shapes, and a weight checksum
+    (over `summaries`, default: `weight_summaries` of the layers `names`)."""
+    if summaries is None:
+        summaries = weight_summaries({name: model.get_submodule(name) for name in names})
+    h = hashlib.sha256()
+    for name in names:
+        h.update(summaries[name].encode())
     cfg = getattr(model, "config", None)
     return {"name_or_path": str(getattr(cfg, "name_or_path", "") or type(model).__name__),
             "model_type": getattr(cfg, "model_type", None), "weights_sha256": h.hexdigest()[:32]}
@@ -67,8 +79,6 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
     import torch
     from tqdm.auto import tqdm
 
-    from sqllm_onnx import __version__
-
     config.validate()
     log = log or (print if progress else (lambda *a: None))
     t_start = time.perf_counter()
@@ -77,33 +87,9 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
     model_id = model_fingerprint(model, names)
     run_id = {"config": config.fingerprint(), "model": model_id}
 
-    folder = partial = None
-    if checkpoint_dir is not None:
-        folder = Path(checkpoint_dir)
-        if (folder / ckpt.MANIFEST).is_file():
-            manifest = ckpt.read_manifest(folder)
-            if manifest.get("run") != run_id:
-                raise CheckpointError(_mismatch(folder, manifest.get("run"), run_id))
-            return ckpt.load_checkpoint(folder)
-        partial = folder / PARTIAL
-        run_file = partial / "run.json"
-        if run_file.is_file():
-            try:
-                previous = json.loads(run_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{run_file} is corrupt ({e}); delete {partial} to start over") from e
-            if previous != run_id:
-                raise CheckpointError(_mismatch(folder, previous, run_id))
-        else:
-            (partial / "layers").mkdir(parents=True, exist_ok=True)
-            ckpt.write_atomic_json(run_file, run_id)
-
-    if partial is not None:  # say at once what an earlier, interrupted run left
-        done = sum(_layer_file(partial, n).is_file() for n in names)
-        fisher_saved = (partial / "fisher.safetensors").is_file() or (partial / "fisher-progress.safetensors").is_file()
-        if done or fisher_saved:
-            log(f"resuming the run in {partial}: {done} of {len(names)} layers already quantized"
-                + (", Fisher saved" if fisher_saved else ""))
+    folder, partial, finished = open_run(checkpoint_dir, run_id, names, log)
+    if finished:
+        return ckpt.load_checkpoint(folder)
 
     # ---- sensitivity ------------------------------------------------------------------------------
     calib = None
@@ -119,41 +105,25 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
                 raise ValueError(f"the given Fisher has no buffer for {missing[:3]}")
             _, calib = calibration_record(tokenizer, config)
         else:
-            todo = [n for n in names if partial is None or not _layer_file(partial, n).is_file()]
+            todo = [n for n in names if partial is None or not layer_file(partial, n).is_file()]
             caches = [c for c in (in_partial, fisher_cache) if c is not None]
             F, calib = sensitivity(model, tokenizer, config, names, caches=caches, device=device,
                                    progress=progress, compute=bool(todo), model_id=model_id,
                                    progress_file=partial / "fisher-progress.safetensors" if partial else None)
         if in_partial is not None and F and not in_partial.is_file():
-            fisher_mod.save_fisher(F, in_partial, _fisher_meta(model_id, calib, names))
+            fisher_mod.save_fisher(F, in_partial, fisher_meta(model_id, calib, names))
         if partial is not None:  # superseded by the whole Fisher
             (partial / "fisher-progress.safetensors").unlink(missing_ok=True)
         fisher_s = time.perf_counter() - t0
 
     # ---- layers -----------------------------------------------------------------------------------
     t1 = time.perf_counter()
-    layers, stats, resumed = {}, {}, 0
-    for name in names:  # the layers an earlier run finished: the bar starts after them
-        file = _layer_file(partial, name) if partial is not None else None
-        if file is not None and file.is_file():
-            layers[name], stats[name] = _load_layer(file, name, config)
-            resumed += 1
-
-    def fisher_of(name):
-        f = F.get(name)
-        if f is not None and not bool(f.any()):
-            return None  # a zero Fisher: the layer saw too few tokens (fisher.py), no signal to weight by
-        return f
+    layers, stats = load_layers(partial, names, config)  # an earlier run's: the bar starts after them
+    resumed = len(layers)
 
     def finish(name, layer, st):
-        st["fisher_fallback"] = config.needs_fisher and fisher_of(name) is None
         layers[name], stats[name] = layer, st
-        if partial is not None:
-            ckpt.save_arrays_atomic(_layer_file(partial, name), ckpt.layer_arrays(name, layer),
-                                    {"stats": json.dumps(st), "bits": str(layer.bits), "K": str(layer.K),
-                                     "code_layout": str(reference.CODE_LAYOUT)})
-        F.pop(name, None)  # free the buffer as soon as its layer is done
-        return layer
+        return finish_layer(name, layer, st, F, config, partial)
 
     if config.method == "lnq":  # error feedback, block by block on the CPU (sequential, lnq)
         bar = tqdm(total=len(names), initial=resumed, desc="error feedback (lnq)", unit="layer",
@@ -163,21 +133,103 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
             model, windows, names, done=dict(layers), bar=bar,
             dequantized=lambda layer: torch.from_numpy(ckpt.dequantized_weight(layer)),
             quantize_one=lambda name, module, H: finish(name, *lnq.quantize_weight_lnq(
-                module.weight, H, fisher_of(name), config, bias=module.bias, name=name)))
-        layers, stats = {n: layers[n] for n in names}, {n: stats[n] for n in names}
+                module.weight, H, usable_fisher(F, name), config, bias=module.bias, name=name)))
     else:
         bar = tqdm(total=len(names), initial=resumed, desc="clustering", unit="layer", disable=not progress)
     for name in names:
         if name in layers:
             continue
         bar.set_postfix_str(name, refresh=False)
-        module = model.get_submodule(name)
-        finish(name, *quantize_weight(module.weight, fisher_of(name), config, bias=module.bias, name=name,
-                                      device=device))
+        finish(name, *quantize_layer(name, model.get_submodule(name), F, config, device))
         bar.update(1)
     bar.close()
     clustering_s = time.perf_counter() - t1
+    qmodel = assemble(model, config, names, layers, stats, model_id=model_id, run_id=run_id, calib=calib,
+                      device=device, timing={"fisher_s": round(fisher_s, 2), "clustering_s": round(clustering_s, 2),
+                                             "total_s": round(time.perf_counter() - t_start, 2),
+                                             "resumed_layers": resumed})
+    if folder is not None:
+        write_checkpoint(qmodel, folder)
+    return qmodel
 
+
+def open_run(checkpoint_dir, run_id: dict, names: list[str], log) -> tuple[Path | None, Path | None, bool]:
+    """(folder, its partial/ folder, whether the run is finished there) for the run `run_id` in the
+    checkpoint folder (None: no folder). A different run in that folder is a CheckpointError. An
+    unfinished run gets `partial/run.json` (created when new) and a line saying what it left."""
+    if checkpoint_dir is None:
+        return None, None, False
+    folder = Path(checkpoint_dir)
+    if (folder / ckpt.MANIFEST).is_file():
+        manifest = ckpt.read_manifest(folder)
+        if manifest.get("run") != run_id:
+            raise CheckpointError(_mismatch(folder, manifest.get("run"), run_id))
+        return folder, None, True
+    partial = folder / PARTIAL
+    run_file = partial / "run.json"
+    if run_file.is_file():
+        try:
+            previous = json.loads(run_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{run_file} is corrupt ({e}); delete {partial} to start over") from e
+        if previous != run_id:
+            raise CheckpointError(_mismatch(folder, previous, run_id))
+    else:
+        (partial / "layers").mkdir(parents=True, exist_ok=True)
+        ckpt.write_atomic_json(run_file, run_id)
+    done = sum(layer_file(partial, n).is_file() for n in names)
+    fisher_saved = (partial / "fisher.safetensors").is_file() or (partial / "fisher-progress.safetensors").is_file()
+    if done or fisher_saved:
+        log(f"resuming the run in {partial}: {done} of {len(names)} layers already quantized"
+            + (", Fisher saved" if fisher_saved else ""))
+    return folder, partial, False
+
+
+def usable_fisher(F: dict, name: str):
+    """The Fisher buffer of a layer, or None when there is none or it is zero: the layer saw too few
+    tokens (fisher.py), no signal to weight by."""
+    f = F.get(name)
+    if f is not None and not bool(f.any()):
+        return None
+    return f
+
+
+def quantize_layer(name: str, module, F: dict, config: QuantConfig, device):
+    """(PackedLinear, stats) of one linear layer, weighted by its Fisher in F (`usable_fisher`)."""
+    return quantize_weight(module.weight, usable_fisher(F, name), config, bias=module.bias, name=name, device=device)
+
+
+def finish_layer(name: str, layer, st: dict, F: dict, config: QuantConfig, partial: Path | None):
+    """Record whether the layer went without Fisher, write its layer file (resume), and free its
+    Fisher buffer as soon as it is done."""
+    st["fisher_fallback"] = config.needs_fisher and usable_fisher(F, name) is None
+    if partial is not None:
+        ckpt.save_arrays_atomic(layer_file(partial, name), ckpt.layer_arrays(name, layer),
+                                {"stats": json.dumps(st), "bits": str(layer.bits), "K": str(layer.K),
+                                 "code_layout": str(reference.CODE_LAYOUT)})
+    F.pop(name, None)
+    return layer
+
+
+def load_layers(partial: Path | None, names: list[str], config: QuantConfig) -> tuple[dict, dict]:
+    """({name: PackedLinear}, {name: stats}) of the layers `names` whose files are in `partial`."""
+    layers, stats = {}, {}
+    for name in names:
+        file = layer_file(partial, name) if partial is not None else None
+        if file is not None and file.is_file():
+            layers[name], stats[name] = _load_layer(file, name, config)
+    return layers, stats
+
+
+def assemble(model, config: QuantConfig, names: list[str], layers: dict, stats: dict, *, model_id: dict,
+             run_id: dict, calib: dict | None, device: str, timing: dict) -> QuantizedModel:
+    """The QuantizedModel of every layer `names`, with its manifest (totals over the layers in the order
+    of `names`, settings, `timing` after the device (where k-means ran), torch version and machine)."""
+    import torch
+
+    from sqllm_onnx import __version__
+
+    stats = {name: stats[name] for name in names}
     total = {k: sum(s[k] or 0 for s in stats.values()) for k in ("nnz", "sensitive", "outliers", "sse")}
     numel = sum(s["N"] * s["K"] for s in stats.values())
     werr = [s["weighted_error"] for s in stats.values()]
@@ -202,17 +254,17 @@ def quantize_model(model, tokenizer, config: QuantConfig, checkpoint_dir: str | 
         "model": {**model_id, "config": _model_config(model)},
         "run": run_id,
         "totals": total,
-        "timing": {"device": device, "torch": torch.__version__, "machine": platform.machine(),
-                   "fisher_s": round(fisher_s, 2), "clustering_s": round(clustering_s, 2),
-                   "total_s": round(time.perf_counter() - t_start, 2), "resumed_layers": resumed},
+        "timing": {"device": device, "torch": torch.__version__, "machine": platform.machine(), **timing},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "layers": {name: {"bits": layers[name].bits, **stats[name]} for name in names},
     }
-    qmodel = QuantizedModel(layers=layers, manifest=manifest)
-    if folder is not None:
-        ckpt.save_checkpoint(qmodel, folder)
-        shutil.rmtree(partial, ignore_errors=True)
-    return qmodel
+    return QuantizedModel(layers={name: layers[name] for name in names}, manifest=manifest)
+
+
+def write_checkpoint(qmodel: QuantizedModel, folder: Path) -> None:
+    """The finished checkpoint into `folder`; the unfinished run's files go."""
+    ckpt.save_checkpoint(qmodel, folder)
+    shutil.rmtree(folder / PARTIAL, ignore_errors=True)
 
 
 def calibration_record(tokenizer, config: QuantConfig):
@@ -224,7 +276,7 @@ def calibration_record(tokenizer, config: QuantConfig):
                      "windows_sha256": fisher_mod.windows_digest(windows)}
 
 
-def _fisher_meta(model_id: dict, calib: dict, names: list[str]) -> dict:
+def fisher_meta(model_id: dict, calib: dict, names: list[str]) -> dict:
     return {"model": model_id, "calibration": calib, "layers": len(names)}
 
 
@@ -238,7 +290,7 @@ def sensitivity(model, tokenizer, config: QuantConfig, names: list[str] | None =
     names = names or linear_layer_names(model, config.quantize_lm_head)
     model_id = model_id or model_fingerprint(model, names)
     windows, calib = calibration_record(tokenizer, config)
-    meta = _fisher_meta(model_id, calib, names)
+    meta = fisher_meta(model_id, calib, names)
     for cache in caches:
         if Path(cache).is_file():
             return fisher_mod.load_fisher(cache, meta, names), calib
@@ -273,7 +325,7 @@ def _native_used(config: QuantConfig, device: str) -> bool:
     return bool(on_cpu and kmeans1d_native.available())
 
 
-def _layer_file(partial: Path, name: str) -> Path:
+def layer_file(partial: Path, name: str) -> Path:
     return partial / "layers" / f"{name}.safetensors"
 
 
