@@ -9,7 +9,8 @@ Modules: config (QuantConfig), calibration + fisher (sensitivity), decompose (de
 kmeans (per-row tables: exact weighted k-means, Lloyd, RTN), layer (one matrix), lnq (one matrix with
 error feedback under its input Hessian, method "lnq"), sequential (blocks in order through the quantized
 ones, input Hessians), quantizer (the model, resume), checkpoint (files, apply), squeezellm_import
-(original SqueezeLLM .pt files), cli.
+(original SqueezeLLM .pt files), pipeline (decoder blocks placed across processes, the Fisher pass
+through them), distributed (one run over several devices: `--devices`, torchrun), cli.
 """
 
 import importlib

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from sqllm_onnx.errors import UsageError
+from sqllm_onnx.quantize import distributed
 from sqllm_onnx.quantize.config import KMEANS_SOLVERS, LUT_DTYPES, METHODS, OUTLIER_RULES, SUPPORTED_BITS
 
 
@@ -61,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype of tables, sparse values and bias (float32 for CPU float32 exports)")
     p.add_argument("--quantize-lm-head", action="store_true", help="quantize lm_head too (untied only)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--devices", default=None, metavar="D0,D1,...",
+                   help="one process per device (cuda:0,cuda:1; cpu,cpu runs the same code on the CPU): the decoder "
+                   "blocks placed across them for the Fisher pass, each process clustering the layers it holds; "
+                   "the checkpoint is the one-process run's. Under torchrun each process takes its LOCAL_RANK's "
+                   "entry (default cuda:LOCAL_RANK)")
     p.add_argument("--kmeans-solver", choices=KMEANS_SOLVERS, default="exact",
                    help="ablation: exact (optimal weighted 1-D k-means) or lloyd (seeded restarts)")
     p.add_argument("--outlier-rule", choices=OUTLIER_RULES, default="magnitude",
@@ -124,6 +131,8 @@ def main(args, command: str) -> int:
     from sqllm_onnx.models import check_model_source, load_model
 
     check_model_source(args.model, args.tokenizer)  # one line, before the heavy imports
+    if args.devices is not None or distributed.torchrun_env() is not None:
+        return _quantize_distributed(args, config, _distributed_devices(args, config), command)
     if config.device and config.device.startswith("cuda"):
         import torch
 
@@ -148,15 +157,7 @@ def main(args, command: str) -> int:
                                 fisher_cache=args.fisher_cache)
     except CheckpointError as e:
         return _error(str(e))
-    wall = time.perf_counter() - t0
-    m = qmodel.manifest
-    m["command"] = command
-    timing = m.get("timing", {})
-    print(f"quantized {len(qmodel.layers)} layers of {m['model']['name_or_path']}: method={m['method']} "
-          f"bits={m['bits']} sparsity={m['sparsity']}% (nnz {m['totals']['nnz']}, "
-          f"{m['totals']['nnz_percent']:.3f}%), weighted error {m['totals']['weighted_error']}")
-    print(f"wall time {wall:.1f} s (Fisher {timing.get('fisher_s')} s, clustering {timing.get('clustering_s')} s, "
-          f"device {timing.get('device')}, {timing.get('resumed_layers', 0)} layers resumed) -> {out}")
+    m = _report(qmodel.manifest, time.perf_counter() - t0, command, out)
     if args.eval:
         apply_to_model(model, qmodel)
         results["ppl"] = _ppl(model, windows, args, "quantized", config.resolved_device())
@@ -168,6 +169,53 @@ def main(args, command: str) -> int:
                         "dtype": args.dtype, "backend": "torch (reference.dequantize weights)"})
         m["evaluation"] = results
     write_atomic_json(out / MANIFEST, m)
+    return 0
+
+
+def _report(m: dict, wall: float, command: str, out: Path) -> dict:
+    """Print what the run made; the manifest gets the command."""
+    m["command"] = command
+    timing = m.get("timing", {})
+    print(f"quantized {len(m['layers'])} layers of {m['model']['name_or_path']}: method={m['method']} "
+          f"bits={m['bits']} sparsity={m['sparsity']}% (nnz {m['totals']['nnz']}, "
+          f"{m['totals']['nnz_percent']:.3f}%), weighted error {m['totals']['weighted_error']}")
+    print(f"wall time {wall:.1f} s (Fisher {timing.get('fisher_s')} s, clustering {timing.get('clustering_s')} s, "
+          f"device {timing.get('device')}, {timing.get('resumed_layers', 0)} layers resumed) -> {out}")
+    return m
+
+
+def _distributed_devices(args, config) -> list[str]:
+    """The devices of `--devices` (or of a torchrun launch), with a UsageError for what the
+    distributed run does not do."""
+    for given, flag, hint in ((args.device, "--device", ""), (args.fisher_cache, "--fisher-cache", ""),
+                              (args.eval, "--eval", " (evaluate the export with `sqllm-onnx eval`)")):
+        if given:
+            raise UsageError(f"{flag} does not go with --devices or a torchrun launch{hint}")
+    if config.method == "lnq":
+        raise UsageError("--method lnq runs the blocks in sequence in one process; use --devices with "
+                         "squeezellm, kmeans or rtn")
+    return distributed.parse_devices(args.devices) if args.devices is not None else []
+
+
+def _quantize_distributed(args, config, devices: list[str], command: str) -> int:
+    from sqllm_onnx.models import load_config
+    from sqllm_onnx.quantize.checkpoint import MANIFEST, CheckpointError, write_atomic_json
+    from sqllm_onnx.quantize.pipeline import block_ranges
+
+    launched = distributed.torchrun_env()
+    world = launched[1] if launched else len(devices)
+    blocks = getattr(load_config(args.model), "num_hidden_layers", None)
+    if blocks is not None:
+        block_ranges(blocks, world)  # a UsageError when there are more processes than blocks
+    t0 = time.perf_counter()
+    job = distributed.Job(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, config=config,
+                          out=str(args.out), devices=devices, progress=not args.no_progress)
+    try:
+        manifest = distributed.quantize(job)
+    except CheckpointError as e:
+        return _error(str(e))
+    if manifest is not None:  # rank 0 (every spawned process reports through it)
+        write_atomic_json(Path(args.out) / MANIFEST, _report(manifest, time.perf_counter() - t0, command, args.out))
     return 0
 
 
