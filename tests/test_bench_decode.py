@@ -79,3 +79,26 @@ def test_bench_command_refuses_bad_arguments(exported, argv, message, capsys):
 def test_bench_command_refuses_a_folder_without_a_model(tmp_path, capsys):
     assert cli.main(["bench", str(tmp_path), "--provider", "cpu"]) == 1
     assert "is not an sqllm-onnx export" in capsys.readouterr().err
+
+
+def test_kernel_bench_times_every_method_round_robin():
+    """`sqllm-onnx bench kernel` on the CPU: every method of a shape gets a time from the same
+    round-robin rounds, and a method whose run fails gets its error in its row, not the others'."""
+    from sqllm_onnx.bench import kernel
+
+    methods = [m for m in kernel.default_methods() if m.name in ("ORT MatMulNBits 4b g128", "SqueezeMatMul 3b 0.45%")]
+    results = kernel.run_benchmark("cpu", [(256, 48)], methods, M=1, ops=2, repeats=3, threads=1, kernel_only=False,
+                                   progress=lambda line: None)
+    assert [r["method"] for r in results["rows"]] == [m.name for m in methods]
+    for row in results["rows"]:
+        assert row["us"] > 0 and row["gbps"] > 0 and "error" not in row
+
+    order = []
+
+    def failing():
+        order.append("b")
+        raise RuntimeError("broken\nsecond line")
+
+    medians, errors = kernel.interleaved_medians({"a": lambda: order.append("a"), "b": failing}, repeats=3)
+    assert order == ["a", "b", "a", "a"]  # round-robin; the failed one drops out after its error
+    assert set(medians) == {"a"} and errors == {"b": "broken"}

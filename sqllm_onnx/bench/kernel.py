@@ -131,9 +131,9 @@ def _session(model: str | bytes, provider: str, cuda_graph: bool, threads: int, 
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def time_session(model: bytes, provider: str, M: int, K: int, N: int, ops: int, dtype, repeats: int,
-                 cuda_graph: bool = False, threads: int = 0, ours: bool = True) -> float:
-    """Median seconds of one run of the whole graph (`ours`: it holds SqueezeMatMul nodes)."""
+def prepare_run(model: str | bytes, provider: str, M: int, K: int, N: int, ops: int, dtype,
+                cuda_graph: bool = False, threads: int = 0, ours: bool = True):
+    """A warmed-up session as a function that runs the whole graph once (`ours`: it holds SqueezeMatMul nodes)."""
     session = _session(model, provider, cuda_graph, threads, ours)
     a = (np.random.default_rng(1).standard_normal((M, K)) * 0.5).astype(dtype)
     if provider == "cpu":
@@ -149,12 +149,26 @@ def time_session(model: bytes, provider: str, M: int, K: int, N: int, ops: int, 
         run = lambda: session.run_with_iobinding(binding)  # noqa: E731
     for _ in range(3):  # warm-up (and CUDA graph capture)
         run()
-    samples = []
+    return run
+
+
+def interleaved_medians(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """Median seconds per run of each function, timed round-robin (one run of each per round) so that
+    every method sees the same share of whatever else the machine is doing (the shared CPU VMs).
+    Returns (medians, errors): a function that raises is dropped from later rounds with its error."""
+    samples = {key: [] for key in runs}
+    errors = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+        for key, run in runs.items():
+            if key in errors:
+                continue
+            try:
+                t0 = time.perf_counter()
+                run()
+                samples[key].append(time.perf_counter() - t0)
+            except Exception as e:
+                errors[key] = str(e).splitlines()[0][:200]
+    return {key: statistics.median(v) for key, v in samples.items() if key not in errors}, errors
 
 
 # ---- the command -----------------------------------------------------------------------------------
@@ -174,31 +188,40 @@ def run_benchmark(provider: str, shapes, methods, M: int, ops: int, repeats: int
         results["device"] = platform.processor() or platform.machine()
         graph_modes = (False,)
     for K, N in shapes:
+        # every method's sessions of this shape first, then all timed together, round-robin
+        rows, runs, temp_models = [], {}, []
         for method in methods:
             row = {"K": K, "N": N, "method": method.name}
+            rows.append((method, row))
             try:
                 model, row["weight_bytes"] = build_graph(method, K, N, M, ops, dtype)
             except Exception as e:
                 row["error"] = f"building the graph failed: {str(e).splitlines()[0][:200]}"
-                progress(_row_line(row))
-                results["rows"].append(row)
                 continue
-            wbytes = row["weight_bytes"]
+            if isinstance(model, str):  # a temporary file with external data
+                temp_models.append(model)
             for graph in graph_modes:
                 try:
-                    t = time_session(model, provider, M, K, N, ops, dtype, repeats, cuda_graph=graph, threads=threads,
-                                     ours=method.kind == "squeeze")
-                    row["graph_us" if graph else "us"] = t / ops * 1e6
+                    runs[(method.name, graph)] = prepare_run(model, provider, M, K, N, ops, dtype, cuda_graph=graph,
+                                                             threads=threads, ours=method.kind == "squeeze")
                 except Exception as e:  # a baseline the installed ORT cannot run is reported, not fatal
                     row["graph_error" if graph else "error"] = str(e).splitlines()[0][:200]
-            if isinstance(model, str):  # a temporary file with external data
-                shutil.rmtree(Path(model).parent, ignore_errors=True)
+        times, failed = interleaved_medians(runs, repeats)
+        runs.clear()  # frees the sessions
+        for model in temp_models:
+            shutil.rmtree(Path(model).parent, ignore_errors=True)
+        for method, row in rows:
+            for graph in graph_modes:
+                if (method.name, graph) in times:
+                    row["graph_us" if graph else "us"] = times[(method.name, graph)] / ops * 1e6
+                if (method.name, graph) in failed:
+                    row["graph_error" if graph else "error"] = failed[(method.name, graph)]
             if "us" in row:
-                row["gbps"] = wbytes / (row["us"] * 1e-6) / 1e9
-            if provider == "cuda" and kernel_only and method.kind == "squeeze":
+                row["gbps"] = row["weight_bytes"] / (row["us"] * 1e-6) / 1e9
+            if provider == "cuda" and kernel_only and method.kind == "squeeze" and "weight_bytes" in row:
                 from sqllm_onnx.bench import cuda_events
                 row["kernel_us"] = cuda_events.kernel_time_us(method, K, N, M, ops, dtype)
-                row["kernel_gbps"] = wbytes / (row["kernel_us"] * 1e-6) / 1e9
+                row["kernel_gbps"] = row["weight_bytes"] / (row["kernel_us"] * 1e-6) / 1e9
             progress(_row_line(row))
             results["rows"].append(row)
     return results
@@ -219,7 +242,8 @@ def to_markdown(results: dict, command: str) -> str:
     lines = [f"Command: `{command}`  ",
              f"Device: {results['device']}; onnxruntime {results['onnxruntime']}; sqllm-onnx "
              f"{results['sqllm_onnx']}; date {results['date']}; M = {results['M']}, {results['ops']} ops with "
-             f"distinct weights per graph, {results['dtype']} activations, median of {results['repeats']} runs.", ""]
+             f"distinct weights per graph, {results['dtype']} activations, median of {results['repeats']} runs "
+             "(timed round-robin across the methods of a shape).", ""]
     cuda = results["provider"] == "cuda"
     if cuda:
         lines += [f"Measured device-to-device copy bandwidth: {results['copy_gbps']:.0f} GB/s (read + write).", ""]
