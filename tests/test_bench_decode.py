@@ -1,5 +1,6 @@
 """`sqllm-onnx bench DIR` (batch-1 decoding benchmark) on the CPU: its stepping agrees with the runtime's
-Decoder, and the command writes the JSON and markdown it promises, or refuses bad arguments."""
+Decoder, the command writes the JSON and markdown it promises (GenAI folders through GenAI's loop too), or
+refuses bad arguments; `sqllm-onnx bench kernel` times its methods round-robin."""
 
 from __future__ import annotations
 
@@ -63,6 +64,25 @@ def test_bench_command_writes_json_and_markdown(exported, tmp_path, capsys):
     md = out_md.read_text()
     assert "| SqueezeLLM 3b 0.45% (rtn) |" in md and "ms/token" in md
     assert "SqueezeLLM 3b 0.45% (rtn):" in capsys.readouterr().out
+
+
+def test_bench_command_times_a_genai_folder_through_genai(exported, tmp_path):
+    """--genai DIR: the folder decoded by onnxruntime_genai's own generator loop, a row beside the others."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install '.[genai]')")
+    out_json = tmp_path / "b.json"
+    rc = cli.main(["bench", str(exported), "--genai", str(exported), "--provider", "cpu", "--prompt-len", "8",
+                   "--new-tokens", "4", "--json", str(out_json)])
+    assert rc == 0
+    ours, genai = json.loads(out_json.read_text())["results"]
+    assert genai["label"] == "ORT GenAI: SqueezeLLM 3b 0.45% (rtn)" and genai["runner"].startswith("onnxruntime-genai")
+    assert genai["ms_per_token"] > 0 and genai["prefill_tokens_per_s"] > 0
+    assert genai["weight_bytes"] == ours["weight_bytes"] and not genai["cuda_graph"]
+
+
+def test_bench_command_refuses_a_genai_folder_without_its_config(exported, tmp_path, capsys):
+    assert cli.main(["bench", str(exported), "--genai", str(tmp_path), "--provider", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "no genai_config.json" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -254,6 +254,10 @@ def add_arguments(p) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time each model with a static KV cache and ORT CUDA graphs, as a second row "
                         "(cuda, lean graphs only)")
+    p.add_argument("--genai", type=Path, action="append", default=[], metavar="DIR",
+                   help="also time this GenAI model folder (e.g. onnxruntime_genai's model builder output) through "
+                        "GenAI's own generator loop, in the same run (repeatable; with --cuda-graph a second row "
+                        "with GenAI's CUDA graphs)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
 
@@ -268,14 +272,22 @@ def main(args, command: str) -> int:
         raise SystemExit("--prompt-len and --new-tokens must be >= 1")
     if args.cuda_graph and args.provider != "cuda":
         raise SystemExit("--cuda-graph needs --provider cuda")
+    for d in args.genai:
+        if not (Path(d) / "genai_config.json").exists():
+            raise SystemExit(f"--genai {d}: no genai_config.json there (not a GenAI model folder)")
     results = []
-    for d in dirs:
+    for d, genai in [(d, False) for d in dirs] + [(d, True) for d in args.genai]:
         for graph in (False, True) if args.cuda_graph else (False,):
-            if graph and not has_group_query_attention(d):
+            if graph and not genai and not has_group_query_attention(d):
                 print(f"{d}: no CUDA-graph row (a plain graph: a static KV cache needs GroupQueryAttention)")
                 continue
             try:
-                r = bench_one(d, args.provider, args.prompt_len, args.new_tokens, args.repeats, cuda_graph=graph)
+                if genai:
+                    from sqllm_onnx.bench.genai import bench_genai
+
+                    r = bench_genai(d, args.provider, args.prompt_len, args.new_tokens, args.repeats, cuda_graph=graph)
+                else:
+                    r = bench_one(d, args.provider, args.prompt_len, args.new_tokens, args.repeats, cuda_graph=graph)
             except Exception as e:  # the CUDA-graph row is extra: report why it is missing, keep the others
                 if not graph:
                     raise
