@@ -152,6 +152,11 @@ def prepare_run(model: str | bytes, provider: str, M: int, K: int, N: int, ops: 
     return run
 
 
+def _error_line(e: Exception) -> str:
+    """The first line of an exception's message, at most 200 characters (a row's "error" field)."""
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
 def interleaved_medians(runs: dict, repeats: int) -> tuple[dict, dict]:
     """Median seconds per run of each function, timed round-robin (one run of each per round) so that
     every method sees the same share of whatever else the machine is doing (the shared CPU VMs).
@@ -167,7 +172,7 @@ def interleaved_medians(runs: dict, repeats: int) -> tuple[dict, dict]:
                 run()
                 samples[key].append(time.perf_counter() - t0)
             except Exception as e:
-                errors[key] = str(e).splitlines()[0][:200]
+                errors[key] = _error_line(e)
     return {key: statistics.median(v) for key, v in samples.items() if key not in errors}, errors
 
 
@@ -196,7 +201,7 @@ def run_benchmark(provider: str, shapes, methods, M: int, ops: int, repeats: int
             try:
                 model, row["weight_bytes"] = build_graph(method, K, N, M, ops, dtype)
             except Exception as e:
-                row["error"] = f"building the graph failed: {str(e).splitlines()[0][:200]}"
+                row["error"] = f"building the graph failed: {_error_line(e)}"
                 continue
             if isinstance(model, str):  # a temporary file with external data
                 temp_models.append(model)
@@ -205,7 +210,7 @@ def run_benchmark(provider: str, shapes, methods, M: int, ops: int, repeats: int
                     runs[(method.name, graph)] = prepare_run(model, provider, M, K, N, ops, dtype, cuda_graph=graph,
                                                              threads=threads, ours=method.kind == "squeeze")
                 except Exception as e:  # a baseline the installed ORT cannot run is reported, not fatal
-                    row["graph_error" if graph else "error"] = str(e).splitlines()[0][:200]
+                    row["graph_error" if graph else "error"] = _error_line(e)
         times, failed = interleaved_medians(runs, repeats)
         runs.clear()  # frees the sessions
         for model in temp_models:
